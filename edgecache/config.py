@@ -1,0 +1,336 @@
+"""One configuration object for a whole deployment, read from a TOML topology file.
+
+``load_config(path, environ)`` is the only reader of files and environment variables.
+Every section, key, default and environment override is documented in the dataclass
+docstrings below and in ``docs/configuration.md``.
+
+A topology file looks like ``deploy/local.toml``::
+
+    [auth]                       # secrets; each one overridable by the environment
+    admin_token = "..."          # EDGECACHE_ADMIN_TOKEN
+    node_token = "..."           # EDGECACHE_NODE_TOKEN
+    webhook_secret = "whsec_..." # EDGECACHE_WEBHOOK_SECRET
+
+    [origin]
+    port = 8100
+
+    [sim]                        # simulated GPU servers started by `edgecache up`
+    count = 4
+    base_port = 8201
+
+    [[backends]]                 # real inference servers (instead of, or besides, [sim])
+    url = "http://10.0.0.7:8000"
+
+    [[edges]]
+    region = "us-east"
+    port = 8101
+
+    [[tenants]]                  # optional: when present, only listed keys are accepted
+    name = "acme"
+    api_keys = ["sk-acme-1"]
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from edgecache.errors import ConfigError
+
+__all__ = [
+    "AuthConfig",
+    "BackendConfig",
+    "Config",
+    "NodeConfig",
+    "OriginConfig",
+    "SimConfig",
+    "TenantConfig",
+    "load_config",
+    "parse_config",
+]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Shared secrets.
+
+    admin_token: bearer token of the admin APIs (purge, prefixes). Env ``EDGECACHE_ADMIN_TOKEN``.
+    node_token: bearer token edge nodes present to the origin. Env ``EDGECACHE_NODE_TOKEN``.
+    webhook_secret: ``whsec_…`` secret of the CMS webhook. Env ``EDGECACHE_WEBHOOK_SECRET``.
+    """
+
+    admin_token: str = "dev-admin-token"
+    node_token: str = "dev-node-token"
+    webhook_secret: str = "whsec_ZGV2LXdlYmhvb2stc2VjcmV0LWNoYW5nZS1tZQ=="
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """A tenant and the API keys that belong to it. name: the tenant's scope id."""
+
+    name: str
+    api_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Simulated vLLM-like GPU servers (``edgecache sim``).
+
+    count: servers started by ``edgecache up`` (default 4; 0 for none).
+    host: bind address (default 127.0.0.1). base_port: first port, the others follow (8201).
+    model: served model name (``sim-llm``).
+    block_size: tokens per KV block (16). kv_capacity_blocks: KV cache size in blocks (4096).
+    prefill_tokens_per_s: prefill rate for uncached prompt tokens (20000).
+    decode_step_s: one decode step with a single running sequence, seconds (0.01).
+    decode_step_per_seq_s: extra seconds per decode step for each further running sequence (0.0005).
+    max_running: running sequences at most; the rest wait in a queue (32).
+    max_waiting: waiting requests at most; beyond it, 429 (1024).
+    max_model_len: prompt + completion tokens at most (8192).
+    default_max_tokens: completion tokens when the request sets none (32).
+    time_scale: multiplies every simulated delay; 0 answers at once (1.0).
+    """
+
+    count: int = 4
+    host: str = "127.0.0.1"
+    base_port: int = 8201
+    model: str = "sim-llm"
+    block_size: int = 16
+    kv_capacity_blocks: int = 4096
+    prefill_tokens_per_s: float = 20000.0
+    decode_step_s: float = 0.01
+    decode_step_per_seq_s: float = 0.0005
+    max_running: int = 32
+    max_waiting: int = 1024
+    max_model_len: int = 8192
+    default_max_tokens: int = 32
+    time_scale: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """An OpenAI-compatible inference server. url: base URL without ``/v1``.
+    api_key: bearer key sent to it (optional). name: label in metrics (defaults to the URL)."""
+
+    url: str
+    api_key: str | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OriginConfig:
+    """The origin service.
+
+    host/port: bind address (127.0.0.1:8100). url: how edges reach it (default from host/port).
+    routing: backend selection policy (``round_robin``).
+    connect_timeout_s: to a backend (2.0). first_byte_timeout_s: until response headers (60).
+    read_timeout_s: longest silence inside a streamed answer (60).
+    retries: further backends tried before the first byte (2).
+    max_body_bytes: largest request body accepted (4 MiB).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8100
+    url: str = ""
+    routing: str = "round_robin"
+    connect_timeout_s: float = 2.0
+    first_byte_timeout_s: float = 60.0
+    read_timeout_s: float = 60.0
+    retries: int = 2
+    max_body_bytes: int = 4 * MiB
+
+    @property
+    def base_url(self) -> str:
+        return self.url or f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """One edge node.
+
+    region: its name, used in ``Cache-Status`` (required). host/port: bind address.
+    data_dir: folder of the disk tier (default ``var/<region>`` beside the topology file).
+    memory_bytes: memory tier bound (256 MiB). disk_bytes: disk tier bound (4 GiB).
+    default_ttl_s: TTL of a stored answer without ``X-EdgeCache-TTL`` (86400).
+    max_ttl_s: the largest TTL a client may ask for (2592000, 30 days).
+    max_body_bytes: largest request body accepted (4 MiB).
+    max_entry_bytes: largest answer that is stored (8 MiB).
+    origin_timeout_s: longest wait for the origin's first byte or between stream chunks (120).
+    workers: processes serving the port with SO_REUSEPORT (1).
+    """
+
+    region: str
+    host: str = "127.0.0.1"
+    port: int = 8101
+    data_dir: str = ""
+    memory_bytes: int = 256 * MiB
+    disk_bytes: int = 4096 * MiB
+    default_ttl_s: float = 86400.0
+    max_ttl_s: float = 30 * 86400.0
+    max_body_bytes: int = 4 * MiB
+    max_entry_bytes: int = 8 * MiB
+    origin_timeout_s: float = 120.0
+    workers: int = 1
+    origin_url: str = "http://127.0.0.1:8100"
+    node_token: str = "dev-node-token"
+    tenants: tuple[TenantConfig, ...] = ()
+    models: tuple[str, ...] = ()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole deployment: auth, origin, backends, simulated servers, edges and tenants."""
+
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    origin: OriginConfig = field(default_factory=OriginConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    backends: tuple[BackendConfig, ...] = ()
+    edges: tuple[NodeConfig, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+    source: str = "<defaults>"
+
+    def sim_urls(self) -> list[str]:
+        return [f"http://{self.sim.host}:{self.sim.base_port + i}" for i in range(self.sim.count)]
+
+    def all_backends(self) -> tuple[BackendConfig, ...]:
+        """Configured backends, then the simulated ones."""
+        sims = tuple(BackendConfig(url=u, name=f"sim-{i + 1}") for i, u in enumerate(self.sim_urls()))
+        return self.backends + sims
+
+    def models(self) -> tuple[str, ...]:
+        return (self.sim.model,) if self.sim.count else ()
+
+    def edge(self, region: str) -> NodeConfig:
+        for edge in self.edges:
+            if edge.region == region:
+                return edge
+        known = ", ".join(e.region for e in self.edges) or "none"
+        raise ConfigError(f"{self.source}: no edge with region {region!r} (known: {known})")
+
+
+_ENV_SECRETS = {
+    "admin_token": "EDGECACHE_ADMIN_TOKEN",
+    "node_token": "EDGECACHE_NODE_TOKEN",
+    "webhook_secret": "EDGECACHE_WEBHOOK_SECRET",
+}
+
+
+def _build(cls: type, raw: Any, where: str, **extra: Any) -> Any:
+    """Build dataclass ``cls`` from a TOML table, checking key names and value types."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        f = known.get(name)
+        if f is None or name in extra:
+            raise ConfigError(f"{where}.{name}: unknown key (expected one of {', '.join(sorted(known))})")
+        kwargs[name] = _coerce(value, f.type, f"{where}.{name}")
+    kwargs.update(extra)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    ann = str(annotation)
+    if ann.startswith("tuple[str"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings")
+        return tuple(value)
+    if ann == "bool":
+        ok = isinstance(value, bool)
+    elif ann == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif ann == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif ann in ("str", "str | None"):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{where}: expected {ann}, got {value!r}")
+    if ann in ("int", "float") and value < 0:
+        raise ConfigError(f"{where}: must not be negative, got {value!r}")
+    return value
+
+
+def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: str = "<config>",
+                 base_dir: Path | None = None) -> Config:
+    """Turn a parsed TOML document into a ``Config``; ``environ`` overrides secrets."""
+    allowed = {"auth", "origin", "sim", "backends", "edges", "tenants"}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{source}: unknown section {key!r} (expected one of {', '.join(sorted(allowed))})")
+    auth = _build(AuthConfig, raw.get("auth", {}), f"{source}: auth")
+    auth = replace(auth, **{k: environ[v] for k, v in _ENV_SECRETS.items() if environ.get(v)})
+    if not auth.webhook_secret.startswith("whsec_"):
+        raise ConfigError(f"{source}: auth.webhook_secret: expected a 'whsec_…' secret")
+    origin = _build(OriginConfig, raw.get("origin", {}), f"{source}: origin")
+    if origin.routing not in ("round_robin",):
+        raise ConfigError(f"{source}: origin.routing: expected 'round_robin', got {origin.routing!r}")
+    sim = _build(SimConfig, raw.get("sim", {"count": 0}), f"{source}: sim")
+    if sim.block_size < 1 or sim.kv_capacity_blocks < 1 or sim.max_running < 1:
+        raise ConfigError(f"{source}: sim: block_size, kv_capacity_blocks and max_running must be >= 1")
+    backends = tuple(
+        _build(BackendConfig, b, f"{source}: backends[{i}]") for i, b in enumerate(_list(raw, "backends", source))
+    )
+    for i, b in enumerate(backends):
+        if not b.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{source}: backends[{i}].url: expected an http(s) URL, got {b.url!r}")
+    tenants = tuple(
+        _build(TenantConfig, t, f"{source}: tenants[{i}]") for i, t in enumerate(_list(raw, "tenants", source))
+    )
+    models = (sim.model,) if sim.count else ()
+    edges = []
+    for i, e in enumerate(_list(raw, "edges", source)):
+        where = f"{source}: edges[{i}]"
+        if not isinstance(e, Mapping) or not isinstance(e.get("region"), str) or not e["region"]:
+            raise ConfigError(f"{where}.region: required (a non-empty string)")
+        for key in ("origin_url", "node_token", "tenants", "models"):
+            if key in e:
+                raise ConfigError(f"{where}.{key}: unknown key (set by the topology)")
+        edge = _build(NodeConfig, e, where, origin_url=origin.base_url, node_token=auth.node_token,
+                      tenants=tenants, models=models)
+        if not edge.data_dir:
+            edge = replace(edge, data_dir=str((base_dir or Path.cwd()) / "var" / edge.region))
+        if edge.workers < 1:
+            raise ConfigError(f"{where}.workers: must be >= 1")
+        edges.append(edge)
+    regions = [e.region for e in edges]
+    if len(set(regions)) != len(regions):
+        raise ConfigError(f"{source}: edges: regions must be unique, got {regions}")
+    return Config(auth=auth, origin=origin, sim=sim, backends=backends, edges=tuple(edges),
+                  tenants=tenants, source=source)
+
+
+def _list(raw: Mapping[str, Any], key: str, source: str) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {key}: expected an array of tables ([[{key}]])")
+    return value
+
+
+def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Config:
+    """Read a topology file (or the embedded defaults when ``path`` is None)."""
+    if path is None:
+        return parse_config({}, environ, source="<defaults>")
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(raw, environ, source=str(p), base_dir=p.resolve().parent.parent)
