@@ -1,0 +1,239 @@
+"""The ``edgecache`` command: run a whole topology, or one service of it.
+
+    edgecache up [--topology deploy/local.toml]      every service, one process each
+    edgecache origin --topology FILE                 the origin alone
+    edgecache node --topology FILE --region NAME     one edge node
+    edgecache sim --topology FILE --index N          one simulated GPU server (N from 0)
+    edgecache config check FILE                      validate a topology file
+
+This module is the composition root: it alone imports the services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+from edgecache.config import Config, load_config
+from edgecache.errors import ConfigError
+
+__all__ = ["main"]
+
+DEFAULT_TOPOLOGY = Path("deploy/local.toml")
+
+
+def _topology(path: str | None) -> Config:
+    if path is None:
+        if not DEFAULT_TOPOLOGY.exists():
+            raise ConfigError(f"no --topology given and {DEFAULT_TOPOLOGY} does not exist here")
+        path = str(DEFAULT_TOPOLOGY)
+    return load_config(path, os.environ)
+
+
+def _run_app(app_factory, host: str, port: int, *, reuse_port: bool = False) -> None:
+    """Serve one aiohttp application until SIGINT/SIGTERM, on uvloop where available."""
+    from aiohttp import web
+
+    async def serve() -> None:
+        runner = web.AppRunner(app_factory(), access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        import uvloop
+        runner_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner_factory = None
+    with asyncio.Runner(loop_factory=runner_factory) as runner:
+        runner.run(serve())
+
+
+def cmd_origin(args: argparse.Namespace) -> int:
+    from origin.app import create_origin_app
+
+    config = _topology(args.topology)
+    port = args.port or config.origin.port
+    _run_app(lambda: create_origin_app(config), config.origin.host, port)
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from nodes.app import create_app
+
+    config = _topology(args.topology)
+    node = config.edge(args.region)
+    if args.port:
+        node = replace(node, port=args.port)
+    if node.workers == 1:
+        _run_app(lambda: create_app(node), node.host, node.port)
+        return 0
+    # Several processes share the port (SO_REUSEPORT) and the disk tier; each has its own memory tier.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_run_app, args=(_NodeFactory(node), node.host, node.port),
+                         kwargs={"reuse_port": True}, daemon=False) for _ in range(node.workers)]
+    for p in procs:
+        p.start()
+    _wait_for_signal()
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join(10)
+    return 0
+
+
+class _NodeFactory:
+    """A picklable ``create_app`` call for worker processes."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+
+    def __call__(self):
+        from nodes.app import create_app
+
+        return create_app(self.node)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from origin.sim.app import create_sim_app
+
+    config = _topology(args.topology)
+    port = args.port or config.sim.base_port + args.index
+    _run_app(lambda: create_sim_app(config.sim), config.sim.host, port)
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file, os.environ)
+    print(f"{args.file}: ok ({len(config.edges)} edges, {len(config.all_backends())} backends)")
+    return 0
+
+
+def _wait_for_signal() -> None:
+    got = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: got.append(s))
+    while not got:
+        signal.pause()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with status {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url}: not healthy in time")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start every service of the topology as its own process; stop them all on a signal."""
+    config = _topology(args.topology)
+    topology = args.topology or str(DEFAULT_TOPOLOGY)
+    base = [sys.executable, "-m", "edgecache.cli"]
+    plan: list[tuple[str, str, list[str]]] = []
+    for i, url in enumerate(config.sim_urls()):
+        plan.append((f"sim {i + 1} ({config.sim.model})", url, [*base, "sim", "--topology", topology, "--index", str(i)]))
+    plan.append(("origin", config.origin.base_url, [*base, "origin", "--topology", topology]))
+    for edge in config.edges:
+        plan.append((f"edge {edge.region}", edge.base_url, [*base, "node", "--topology", topology, "--region", edge.region]))
+    stopping: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: stopping.append(s))
+    procs: list[subprocess.Popen] = []
+    try:
+        for name, url, argv in plan:
+            proc = subprocess.Popen(argv)
+            procs.append(proc)
+            health = url + ("/healthz" if name.startswith(("edge", "origin")) else "/health")
+            _wait_healthy(health, proc, time.monotonic() + 60)
+            print(f"{name:<24} {url}", flush=True)
+            if stopping:
+                return 0
+        print(f"edgecache stack ready: {len(procs)} services from {topology} (Ctrl-C stops them)", flush=True)
+        while not stopping:
+            for proc in procs:
+                if proc.poll() is not None:
+                    print(f"a service exited (status {proc.returncode}); stopping the stack", file=sys.stderr)
+                    return 1
+            time.sleep(0.2)
+        return 0
+    except RuntimeError as exc:
+        print(f"edgecache up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print("edgecache stack stopped", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecache", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="start every service of a topology")
+    p.add_argument("--topology", help=f"topology file (default {DEFAULT_TOPOLOGY})")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("origin", help="run the origin service")
+    p.add_argument("--topology")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_origin)
+    p = sub.add_parser("node", help="run one edge node")
+    p.add_argument("--topology")
+    p.add_argument("--region", required=True)
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_node)
+    p = sub.add_parser("sim", help="run one simulated GPU inference server")
+    p.add_argument("--topology")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_sim)
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("check", help="validate a topology file")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("EDGECACHE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"edgecache: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

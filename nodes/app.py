@@ -1,0 +1,355 @@
+"""The edge node: an aiohttp application answering OpenAI requests from its tiers.
+
+Request path: validate → scope and key → memory tier → disk tier → decide → replay a hit,
+or join (or start) the one in-flight fill for the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from edgecache.config import NodeConfig
+from edgecache.entry import Entry
+from edgecache.errors import (
+    BadRequest,
+    EdgeCacheError,
+    NotCached,
+    Unauthorized,
+    UpstreamUnavailable,
+    error_body,
+)
+from edgecache.keys import Scope, cache_key, tenant_id
+from edgecache.policy import Bypass, Hit, Miss, Stale, decide, parse_cache_control, parse_ttl
+from edgecache.stores.disk import DiskTier
+from edgecache.stores.memory import MemoryTier
+from edgecache.stream import DONE, frame, synthesize_chunks, usage_chunk
+from edgecache.tags import parse_cache_tag_header
+from nodes.fill import Fill, FillRequest
+from nodes.metrics import NodeMetrics
+
+__all__ = ["NODE", "NodeState", "create_app"]
+
+log = logging.getLogger("edgecache.node")
+
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_JSON = "application/json"
+_SSE = "text/event-stream"
+
+
+@dataclass(slots=True)
+class NodeState:
+    """Everything one edge node holds while it runs."""
+
+    config: NodeConfig
+    memory: MemoryTier
+    disk: DiskTier
+    session: aiohttp.ClientSession
+    metrics: NodeMetrics
+    keys: dict[str, str]                      # API key -> tenant, when the topology lists tenants
+    inflight: dict[bytes, Fill] = field(default_factory=dict)
+    writes: set[asyncio.Task[None]] = field(default_factory=set)
+    disk_stats: tuple[int, int] = (0, 0)
+
+    def tenant_for(self, authorization: str | None) -> str:
+        token = None
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                token = value.strip()
+        if not self.config.tenants:
+            return tenant_id(token)
+        if token is None:
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'")
+        for known, tenant in self.keys.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return tenant
+        raise Unauthorized("Incorrect API key provided")
+
+    def store(self, entry: Entry) -> None:
+        """Keep a filled answer: in memory at once, on disk in the background."""
+        self.memory.put(entry)
+        task = asyncio.create_task(asyncio.to_thread(self.disk.put, entry))
+        self.writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self.writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("disk tier write failed: %r", task.exception())
+
+    def tier_stats(self, tier: str) -> tuple[int, int]:
+        if tier == "memory":
+            return len(self.memory), self.memory.bytes
+        return self.disk_stats
+
+
+NODE = web.AppKey("node", NodeState)
+CONFIG = web.AppKey("config", NodeConfig)
+
+
+# -- middleware -------------------------------------------------------------------------
+
+
+def _error_response(status: int, body: bytes, cache_status: str | None = None) -> web.Response:
+    resp = web.Response(status=status, body=body, content_type=_JSON)
+    if cache_status:
+        resp.headers["Cache-Status"] = cache_status
+    return resp
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except EdgeCacheError as exc:
+        return _error_response(exc.status, exc.body(), request.get("cache_status"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = "payload_too_large" if exc.status == 413 else None
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        return _error_response(exc.status, error_body(exc.reason, kind, code))
+    except Exception:
+        log.exception("unhandled error on %s", request.path)
+        return _error_response(500, error_body("internal error in the edge node", "server_error"))
+
+
+# -- the completion endpoints ------------------------------------------------------------
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    state = request.app[NODE]
+    endpoint = _ENDPOINTS[request.path]
+    tenant = state.tenant_for(request.headers.get("Authorization"))
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    key = cache_key(endpoint, body, Scope(tenant)).digest    # validates the request's shape
+    headers = request.headers
+    cc = parse_cache_control(headers.get("Cache-Control"))
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    region = state.config.region
+    now = time.time()
+
+    found = None if cc.no_cache else state.memory.get(key, now)
+    tier = "memory"
+    if found is None and not cc.no_cache:
+        found = await asyncio.to_thread(state.disk.get, key, now)
+        tier = "disk"
+        if found is not None and found.is_fresh(now):
+            state.memory.put(found)
+    if found is not None and found.tenant != tenant:   # defence in depth: the key already scopes it
+        found = None
+
+    match decide(cc, found, now):
+        case Hit(entry):
+            status = f"edgecache-{region}; hit; detail={tier}; ttl={int(entry.expires_at() - now)}"
+            resp = _replay(entry, stream, include_usage, status)
+            resp.headers["Age"] = str(int(entry.age(now)))
+            state.metrics.observe(endpoint, "hit", time.perf_counter() - started)
+            return resp
+        case Stale():
+            fwd, result = "stale", "stale"
+        case Bypass():
+            fwd, result = "request", "bypass"
+        case Miss():
+            fwd, result = "miss", "miss"
+    base = f"edgecache-{region}; fwd={fwd}"
+    if cc.only_if_cached:
+        request["cache_status"] = f"{base}; detail=only-if-cached"
+        state.metrics.observe(endpoint, "error", time.perf_counter() - started)
+        raise NotCached("The answer is not cached and the request said only-if-cached")
+
+    fill = state.inflight.get(key)
+    if fill is not None:
+        result = "collapsed"
+        base += "; collapsed"
+    else:
+        config = state.config
+        fill = Fill(
+            FillRequest(key=key, endpoint=endpoint, path=request.path, body=body, stream=stream,
+                        headers={"Authorization": f"Bearer {config.node_token}",
+                                 "Content-Type": _JSON,
+                                 "X-EdgeCache-Tenant": tenant, "X-EdgeCache-Region": region},
+                        store=not cc.no_store,
+                        ttl=parse_ttl(headers.get("X-EdgeCache-TTL"), config.default_ttl_s, config.max_ttl_s),
+                        tenant=tenant, tags=parse_cache_tag_header(headers.get("Cache-Tag", "")),
+                        max_entry_bytes=config.max_entry_bytes),
+            state.session, config.origin_timeout_s, state.store)
+        state.inflight[key] = fill
+        fill.start()
+        _forget_when_done(state, key, fill)
+    fill.join()
+    request["cache_status"] = base
+    try:
+        return await _answer_from_fill(request, fill, stream, include_usage, base)
+    finally:
+        fill.leave()
+        state.metrics.observe(endpoint, result, time.perf_counter() - started)
+
+
+def _forget_when_done(state: NodeState, key: bytes, fill: Fill) -> None:
+    async def forget() -> None:
+        await fill.done.wait()
+        if state.inflight.get(key) is fill:
+            del state.inflight[key]
+        state.metrics.fill("stored" if fill.entry else "error" if fill.failure else "not_stored")
+
+    task = asyncio.create_task(forget())
+    state.writes.add(task)
+    task.add_done_callback(state.writes.discard)
+
+
+async def _answer_from_fill(request: web.Request, fill: Fill, stream: bool, include_usage: bool,
+                            base: str) -> web.StreamResponse:
+    reply = await fill.wait_started()
+    if reply is not None:   # the origin's error, passed through, never stored
+        resp = web.Response(status=reply.status, body=reply.body)
+        resp.headers["Content-Type"] = reply.content_type
+        resp.headers["Cache-Status"] = base
+        return resp
+    if stream and fill.req.stream:
+        return await _fan_out(request, fill, include_usage, base)
+    await fill.wait()
+    if fill.failure is not None:
+        raise fill.failure
+    assert fill.body is not None
+    status = base + ("; stored" if fill.entry is not None else "")
+    if not stream:
+        return web.Response(body=fill.body, content_type=_JSON, headers={"Cache-Status": status})
+    return web.Response(body=_frames(fill.req.endpoint, fill.body, None, include_usage), content_type=_SSE,
+                        headers={"Cache-Status": status})
+
+
+async def _fan_out(request: web.Request, fill: Fill, include_usage: bool, base: str) -> web.StreamResponse:
+    """Stream the fill's chunks to this client as they arrive."""
+    resp = web.StreamResponse(headers={"Content-Type": _SSE, "Cache-Control": "no-cache",
+                                       "Cache-Status": base + ("; stored" if fill.req.store else "")})
+    await resp.prepare(request)
+    try:
+        async for payload, usage_only in fill.live_chunks():
+            if usage_only and not include_usage:
+                continue
+            await resp.write(frame(payload))
+        if fill.failure is not None:
+            failure = fill.failure
+            await resp.write(frame(error_body(failure.message, failure.type, failure.code)))
+        else:
+            await resp.write(DONE)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass   # the client left; ``leave`` cancels the fill if it was the last waiter
+    return resp
+
+
+# -- replaying a stored answer -----------------------------------------------------------
+
+
+def _replay(entry: Entry, stream: bool, include_usage: bool, cache_status: str) -> web.Response:
+    headers = {"Cache-Status": cache_status}
+    if not stream:
+        return web.Response(body=entry.body, content_type=_JSON, headers=headers)
+    return web.Response(body=_frames(entry.endpoint, entry.body, entry.chunks, include_usage),
+                        content_type=_SSE, headers=headers)
+
+
+def _frames(endpoint: str, body: bytes, chunks: tuple[bytes, ...] | None, include_usage: bool) -> bytes:
+    parsed: dict[str, Any] | None = None
+    if chunks is None:
+        parsed = orjson.loads(body)
+        chunks = tuple(orjson.dumps(c) for c in synthesize_chunks(endpoint, parsed))
+    out = [frame(c) for c in chunks]
+    if include_usage:
+        parsed = parsed or orjson.loads(body)
+        if parsed.get("usage") is not None:
+            out.append(frame(usage_chunk(endpoint, parsed, parsed["usage"])))
+    out.append(DONE)
+    return b"".join(out)
+
+
+# -- the other endpoints -----------------------------------------------------------------
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[NODE]
+    try:
+        async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}"},
+                                     timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            return web.Response(status=resp.status, body=await resp.read(), content_type=_JSON)
+    except (aiohttp.ClientError, TimeoutError):
+        raise UpstreamUnavailable("the origin is unreachable") from None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    state = request.app[NODE]
+    state.disk_stats = await asyncio.to_thread(lambda: (len(state.disk), state.disk.bytes))
+    return web.json_response({
+        "status": "ok",
+        "region": state.config.region,
+        "tiers": {"memory": {"entries": len(state.memory), "bytes": state.memory.bytes},
+                  "disk": {"entries": state.disk_stats[0], "bytes": state.disk_stats[1]}},
+        "inflight": len(state.inflight),
+        "waiters": sum(f.waiters for f in state.inflight.values()),
+        "semantic": "disabled",
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[NODE]
+    state.disk_stats = await asyncio.to_thread(lambda: (len(state.disk), state.disk.bytes))
+    resp = web.Response(body=generate_latest(state.metrics.registry))
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+# -- the application ---------------------------------------------------------------------
+
+
+async def _node_state(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    disk = await asyncio.to_thread(DiskTier, config.data_dir, config.disk_bytes)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=config.origin_timeout_s)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    session = aiohttp.ClientSession(base_url=config.origin_url, timeout=timeout, connector=connector)
+    keys = {k: t.name for t in config.tenants for k in t.api_keys}
+    metrics = NodeMetrics(config.region, lambda tier: app[NODE].tier_stats(tier))
+    state = NodeState(config=config, memory=MemoryTier(config.memory_bytes), disk=disk, session=session,
+                      metrics=metrics, keys=keys)
+    app[NODE] = state
+    try:
+        yield
+    finally:
+        for fill in list(state.inflight.values()):
+            fill.leave()
+        if state.writes:
+            await asyncio.gather(*state.writes, return_exceptions=True)
+        await session.close()
+        await asyncio.to_thread(disk.close)
+
+
+def create_app(config: NodeConfig) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_node_state)
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,153 @@
+"""The origin service: authenticates edge nodes and forwards their misses to a backend."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from edgecache.config import Config
+from edgecache.errors import EdgeCacheError, Unauthorized, UpstreamUnavailable, error_body
+from origin.backends import BackendPool
+
+__all__ = ["ORIGIN", "OriginState", "create_origin_app"]
+
+log = logging.getLogger("edgecache.origin")
+
+_PUBLIC = frozenset({"/health", "/healthz", "/metrics"})
+_FORWARDED = ("Content-Type", "Accept", "traceparent", "tracestate", "X-Request-Id")
+
+
+class OriginState:
+    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.pool = BackendPool(config.all_backends(), config.origin, session)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("edgecache_origin_requests", "Requests forwarded, by backend and status",
+                                ["backend", "status"], registry=self.registry)
+        self.failures = Counter("edgecache_origin_failures", "Requests no backend could take",
+                                registry=self.registry)
+
+
+ORIGIN = web.AppKey("origin", OriginState)
+CONFIG = web.AppKey("config", Config)
+
+
+@web.middleware
+async def origin_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        if request.path not in _PUBLIC:
+            token = request.app[CONFIG].auth.node_token
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise Unauthorized("edge nodes must present the node token", code="invalid_node_token")
+        return await handler(request)
+    except EdgeCacheError as exc:
+        return web.Response(status=exc.status, body=exc.body(), content_type="application/json")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        return web.Response(status=exc.status, body=error_body(exc.reason, kind),
+                            content_type="application/json")
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """Pass a completion request to a backend and its answer back, streaming as it comes."""
+    state = request.app[ORIGIN]
+    body = await request.read()
+    headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
+    try:
+        backend, upstream = await state.pool.open("POST", request.path, body, headers)
+    except EdgeCacheError:
+        state.failures.inc()
+        raise
+    state.requests.labels(backend.name, str(upstream.status)).inc()
+    backend.in_flight += 1
+    prepared = False
+    try:
+        content_type = upstream.headers.get("Content-Type", "application/json")
+        if not content_type.startswith("text/event-stream"):
+            data = await upstream.read()
+            resp = web.Response(status=upstream.status, body=data)
+            resp.headers["Content-Type"] = content_type
+            return resp
+        resp = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type,
+                                                                   "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        prepared = True
+        async for chunk in upstream.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # After the first byte nothing is retried: cut the client's stream so it is never stored.
+        log.warning("backend %s failed mid-answer: %r", backend.name, exc)
+        if prepared:
+            raise   # aiohttp drops the connection: the edge sees a stream without [DONE]
+        raise UpstreamUnavailable(f"backend {backend.name} failed mid-answer") from None
+    finally:
+        backend.in_flight -= 1
+        upstream.release()
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[ORIGIN]
+    seen: dict[str, Any] = {}
+    for _ in state.pool.backends:
+        try:
+            _, resp = await state.pool.open("GET", "/v1/models", None, {})
+        except EdgeCacheError:
+            break
+        try:
+            data = orjson.loads(await resp.read())
+            for model in data.get("data", []):
+                seen.setdefault(model.get("id"), model)
+        except (ValueError, AttributeError):
+            pass
+        finally:
+            resp.release()
+    if not seen:
+        raise UpstreamUnavailable("no backend answered /v1/models")
+    return web.json_response({"object": "list", "data": list(seen.values())}, dumps=lambda o: orjson.dumps(o).decode())
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[ORIGIN]
+    return web.json_response({"status": "ok", "backends": [
+        {"name": b.name, "url": b.config.url, "in_flight": b.in_flight, "failures": b.failures}
+        for b in state.pool.backends]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    resp = web.Response(body=generate_latest(request.app[ORIGIN].registry))
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def _origin_state(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.origin.connect_timeout_s,
+                                    sock_read=config.origin.read_timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        app[ORIGIN] = OriginState(config, session)
+        yield
+
+
+def create_origin_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=config.origin.max_body_bytes, middlewares=[origin_middleware])
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_origin_state)
+    app.router.add_post("/v1/chat/completions", forward)
+    app.router.add_post("/v1/completions", forward)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/metrics", metrics)
+    return app

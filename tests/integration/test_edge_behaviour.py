@@ -1,0 +1,233 @@
+"""Edge node behaviour a CDN user relies on: collapsing, tenants, errors, Cache-Control, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import openai
+import pytest
+
+from edgecache.config import TenantConfig
+from nodes.app import create_app
+from tests.conftest import Stack
+from tests.integration.upstreams import CutStream, Failing, Gate
+
+pytestmark = pytest.mark.integration
+
+CHAT = {"model": "sim-llm", "messages": [{"role": "user", "content": "What is our refund policy?"}]}
+AUTH = {"Authorization": "Bearer sk-test"}
+
+
+async def post(url: str, body: object = CHAT, headers: dict[str, str] | None = None,
+               raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as s:
+        kwargs = {"data": raw} if raw is not None else {"json": body}
+        async with s.post(url + "/v1/chat/completions", headers={**AUTH, **(headers or {})}, **kwargs) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
+
+
+async def healthz(url: str) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(url + "/healthz") as resp:
+        return await resp.json()
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    """Wait for an observable condition with a deadline (polls, never a fixed sleep)."""
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.005)
+
+
+async def test_concurrent_identical_misses_make_one_origin_request(make_stack, serve_app) -> None:
+    sims = await make_stack(regions=(), sims=1)
+    gate = Gate(sims.sim_urls[0])
+    stack = await make_stack(sims=0, backends=(await serve_app(gate.app()),))
+    edge = stack.edges["us-east"]
+    n = 8
+    tasks = [asyncio.create_task(post(edge)) for _ in range(n)]
+    tasks += [asyncio.create_task(post(edge, {**CHAT, "stream": True})) for _ in range(n)]
+
+    async def all_waiting() -> bool:
+        return (await healthz(edge))["waiters"] == 2 * n
+
+    await until(all_waiting)
+    gate.opened.set()
+    results = await asyncio.gather(*tasks)
+    assert gate.arrived == 1
+    assert await stack.origin_requests() == 1
+    assert {status for status, _, _ in results} == {200}
+    jsons = {body for _, _, body in results[:n]}
+    assert len(jsons) == 1
+    assert sum("collapsed" in h["Cache-Status"] for _, h, _ in results) == 2 * n - 1
+    streams = {body for _, _, body in results[n:]}
+    assert len(streams) == 1 and next(iter(streams)).endswith(b"data: [DONE]\n\n")
+
+
+async def test_tenants_never_share_entries(stack: Stack) -> None:
+    edge = stack.edges["us-east"]
+    _, _, a = await post(edge, headers={"Authorization": "Bearer sk-tenant-a"})
+    status, headers, b = await post(edge, headers={"Authorization": "Bearer sk-tenant-b"})
+    assert status == 200 and "fwd=miss" in headers["Cache-Status"]
+    _, again, _ = await post(edge, headers={"Authorization": "Bearer sk-tenant-a"})
+    assert "; hit;" in again["Cache-Status"]
+    assert await stack.origin_requests() == 2
+
+
+async def test_listed_tenants_require_a_known_key(make_stack) -> None:
+    tenants = (TenantConfig("acme", ("sk-acme-1", "sk-acme-2")), TenantConfig("globex", ("sk-globex",)))
+    stack = await make_stack(tenants=tenants)
+    edge = stack.edges["us-east"]
+    status, _, body = await post(edge, headers={"Authorization": "Bearer sk-nobody"})
+    assert status == 401 and b"invalid_api_key" in body
+    async with aiohttp.ClientSession() as s, s.post(edge + "/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["type"] == "authentication_error"
+    await post(edge, headers={"Authorization": "Bearer sk-acme-1"})
+    _, same_tenant, _ = await post(edge, headers={"Authorization": "Bearer sk-acme-2"})
+    _, other_tenant, _ = await post(edge, headers={"Authorization": "Bearer sk-globex"})
+    assert "; hit;" in same_tenant["Cache-Status"]
+    assert "fwd=miss" in other_tenant["Cache-Status"]
+
+
+async def test_upstream_errors_pass_through_and_are_not_stored(make_stack, serve_app) -> None:
+    failing = Failing(400)
+    stack = await make_stack(sims=0, backends=(await serve_app(failing.app()),))
+    for _ in range(2):
+        status, headers, body = await post(stack.edges["us-east"])
+        assert status == 400 and b"model overloaded" in body
+        assert "stored" not in headers["Cache-Status"]
+    assert failing.requests == 2
+
+
+async def test_every_backend_down_is_a_502_with_an_error_body(make_stack, serve_app) -> None:
+    failing = Failing(503)
+    stack = await make_stack(sims=0, backends=(await serve_app(failing.app()), "http://127.0.0.1:9"))
+    status, _, body = await post(stack.edges["us-east"])
+    assert status == 502 and b'"error"' in body and b"upstream" in body
+
+
+async def test_origin_unreachable_is_a_502(make_stack) -> None:
+    stack = await make_stack(node_overrides={"origin_url": "http://127.0.0.1:9"})
+    status, _, body = await post(stack.edges["us-east"])
+    assert status == 502 and b"upstream_unavailable" in body
+
+
+async def test_cut_stream_is_not_stored(make_stack, serve_app) -> None:
+    cut = CutStream()
+    stack = await make_stack(sims=0, backends=(await serve_app(cut.app()),))
+    async with openai.AsyncOpenAI(base_url=stack.edges["us-east"] + "/v1", api_key="k", max_retries=0) as c:
+        with pytest.raises(openai.APIError):
+            stream = await c.chat.completions.create(stream=True, **CHAT)
+            async for _ in stream:
+                pass
+    status, _, _ = await post(stack.edges["us-east"], {**CHAT, "stream": True})
+    assert cut.requests == 2
+    assert status == 200   # the second attempt got headers too, and was not answered from cache
+
+
+async def test_client_leaving_mid_stream_leaves_no_entry_and_cancels_the_fill(make_stack, serve_app) -> None:
+    held = CutStream(hold=True)
+    stack = await make_stack(sims=0, backends=(await serve_app(held.app()),))
+    edge = stack.edges["us-east"]
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(edge + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+        assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: ")
+        resp.close()   # the client goes away mid-stream
+    await asyncio.wait_for(held.cancelled.wait(), 5)
+    status, headers, _ = await post(edge, headers={"Cache-Control": "only-if-cached"})
+    assert status == 504 and "only-if-cached" in headers["Cache-Status"]
+
+
+async def test_cache_control_directives(stack: Stack) -> None:
+    edge = stack.edges["us-east"]
+    status, headers, _ = await post(edge, headers={"Cache-Control": "only-if-cached"})
+    assert status == 504
+    _, headers, _ = await post(edge, headers={"Cache-Control": "no-store"})
+    assert "stored" not in headers["Cache-Status"]
+    _, headers, _ = await post(edge)
+    assert "fwd=miss" in headers["Cache-Status"] and "stored" in headers["Cache-Status"]
+    _, headers, _ = await post(edge, headers={"Cache-Control": "no-cache"})
+    assert "fwd=request" in headers["Cache-Status"]
+    _, headers, _ = await post(edge, headers={"Cache-Control": "max-age=0"})
+    assert "fwd=stale" in headers["Cache-Status"]
+    _, headers, _ = await post(edge, headers={"Cache-Control": "max-age=3600, only-if-cached"})
+    assert "; hit;" in headers["Cache-Status"]
+    assert await stack.origin_requests() == 4
+
+
+async def test_client_ttl_is_capped_and_reported(stack: Stack) -> None:
+    edge = stack.edges["us-east"]
+    await post(edge, headers={"X-EdgeCache-TTL": "30"})
+    _, headers, _ = await post(edge)
+    ttl = int(headers["Cache-Status"].split("ttl=")[1].split(";")[0])
+    assert 0 <= ttl <= 30
+
+
+@pytest.mark.parametrize(("raw", "headers", "status", "needle"), [
+    (b"{not json", {}, 400, b"not valid JSON"),
+    (b"[]", {}, 400, b"invalid_request_error"),
+    (b'{"model": "sim-llm"}', {}, 400, b"messages"),
+    (b'{"model": "sim-llm", "messages": "hi"}', {}, 400, b"messages"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', {}, 400, b"model"),
+    (b'{"model": "sim-llm", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', {}, 400, b"error"),
+    (b'{"model": "sim-llm", "messages": [{"role": "user", "content": "x"}]}', {"Cache-Control": "max-age=soon"},
+     400, b"max-age"),
+    (b'{"model": "sim-llm", "messages": [{"role": "user", "content": "x"}]}', {"X-EdgeCache-TTL": "-5"},
+     400, b"X-EdgeCache-TTL"),
+    (b'{"model": "sim-llm", "messages": [{"role": "user", "content": "x"}]}', {"Cache-Tag": "bad tag!"},
+     400, b"error"),
+])
+async def test_bad_input_gets_a_clear_4xx(stack: Stack, raw: bytes, headers: dict, status: int, needle: bytes) -> None:
+    got, _, body = await post(stack.edges["us-east"], raw=raw, headers={"Content-Type": "application/json", **headers})
+    assert got == status and needle in body
+    assert b'"error"' in body
+    assert await stack.origin_requests() == 0
+
+
+async def test_oversized_body_is_413(make_stack) -> None:
+    stack = await make_stack(node_overrides={"max_body_bytes": 4096})
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 10_000}]}
+    status, _, body = await post(stack.edges["us-east"], big)
+    assert status == 413 and b"error" in body
+
+
+async def test_edge_restarted_on_the_same_disk_keeps_its_entries(make_stack, tmp_path) -> None:
+    stack = await make_stack(data_root=tmp_path)
+    status, _, first = await post(stack.edges["us-east"])
+    assert status == 200
+    await stack.servers["us-east"].close()   # waits for the disk write
+    from aiohttp.test_utils import TestServer
+
+    restarted = TestServer(create_app(stack.node_configs["us-east"]), host="127.0.0.1")
+    await restarted.start_server()
+    try:
+        url = str(restarted.make_url("")).rstrip("/")
+        status, headers, again = await post(url, headers={"Cache-Control": "only-if-cached"})
+        assert status == 200 and "hit; detail=disk" in headers["Cache-Status"]
+        assert again == first
+    finally:
+        await restarted.close()
+
+
+async def test_unknown_model_is_passed_through_from_the_backend(stack: Stack) -> None:
+    status, _, body = await post(stack.edges["us-east"], {**CHAT, "model": "no-such-model"})
+    assert 400 <= status < 500 and b"error" in body
+
+
+async def test_models_and_health_endpoints(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(stack.edges["us-east"] + "/v1/models", headers=AUTH) as resp:
+            assert resp.status == 200
+            assert [m["id"] for m in (await resp.json())["data"]] == ["sim-llm"]
+    health = await healthz(stack.edges["us-east"])
+    assert health["status"] == "ok" and health["region"] == "us-east"
+    await post(stack.edges["us-east"])
+    await post(stack.edges["us-east"])
+    assert await stack.metric(stack.edges["us-east"], "edgecache_requests_total", cache_result="hit") == 1
+    assert await stack.metric(stack.edges["us-east"], "edgecache_tier_entries", tier="memory") == 1
+
+
+async def test_origin_refuses_requests_without_the_node_token(stack: Stack) -> None:
+    status, _, body = await post(stack.origin_url, headers={"Authorization": "Bearer sk-client-key"})
+    assert status == 401 and b"node token" in body
