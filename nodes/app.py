@@ -96,6 +96,7 @@ class NodeState:
 
 NODE = web.AppKey("node", NodeState)
 CONFIG = web.AppKey("config", NodeConfig)
+CACHE_STATUS = web.RequestKey("cache_status", str)
 
 
 # -- middleware -------------------------------------------------------------------------
@@ -113,7 +114,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     try:
         return await handler(request)
     except EdgeCacheError as exc:
-        return _error_response(exc.status, exc.body(), request.get("cache_status"))
+        return _error_response(exc.status, exc.body(), request.get(CACHE_STATUS))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -159,7 +160,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
     match decide(cc, found, now):
         case Hit(entry):
-            status = f"edgecache-{region}; hit; detail={tier}; ttl={int(entry.expires_at() - now)}"
+            status = (f'edgecache-{region}; hit; detail={tier}; ttl={int(entry.expires_at() - now)}; '
+                      f'key="{key.hex()}"')
             resp = _replay(entry, stream, include_usage, status)
             resp.headers["Age"] = str(int(entry.age(now)))
             state.metrics.observe(endpoint, "hit", time.perf_counter() - started)
@@ -170,9 +172,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
             fwd, result = "request", "bypass"
         case Miss():
             fwd, result = "miss", "miss"
-    base = f"edgecache-{region}; fwd={fwd}"
+    base = f'edgecache-{region}; fwd={fwd}; key="{key.hex()}"'
     if cc.only_if_cached:
-        request["cache_status"] = f"{base}; detail=only-if-cached"
+        request[CACHE_STATUS] = f"{base}; detail=only-if-cached"
         state.metrics.observe(endpoint, "error", time.perf_counter() - started)
         raise NotCached("The answer is not cached and the request said only-if-cached")
 
@@ -196,7 +198,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         fill.start()
         _forget_when_done(state, key, fill)
     fill.join()
-    request["cache_status"] = base
+    request[CACHE_STATUS] = base
     try:
         return await _answer_from_fill(request, fill, stream, include_usage, base)
     finally:
