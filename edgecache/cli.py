@@ -27,7 +27,7 @@ from pathlib import Path
 from edgecache.config import Config, load_config
 from edgecache.errors import ConfigError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 DEFAULT_TOPOLOGY = Path("deploy/local.toml")
 
@@ -67,7 +67,7 @@ def _run_app(app_factory, host: str, port: int, *, reuse_port: bool = False) -> 
         runner.run(serve())
 
 
-def cmd_origin(args: argparse.Namespace) -> int:
+def _cmd_origin(args: argparse.Namespace) -> int:
     from origin.app import create_origin_app
 
     config = _topology(args.topology)
@@ -76,7 +76,7 @@ def cmd_origin(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_node(args: argparse.Namespace) -> int:
+def _cmd_node(args: argparse.Namespace) -> int:
     from nodes.app import create_app
 
     config = _topology(args.topology)
@@ -114,7 +114,7 @@ class _NodeFactory:
         return create_app(self.node)
 
 
-def cmd_sim(args: argparse.Namespace) -> int:
+def _cmd_sim(args: argparse.Namespace) -> int:
     from origin.sim.app import create_sim_app
 
     config = _topology(args.topology)
@@ -123,7 +123,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config_check(args: argparse.Namespace) -> int:
+def _cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file, os.environ)
     print(f"{args.file}: ok ({len(config.edges)} edges, {len(config.all_backends())} backends)")
     return 0
@@ -149,7 +149,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, deadline: float) -> None:
     raise RuntimeError(f"{url}: not healthy in time")
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def _cmd_up(args: argparse.Namespace) -> int:
     """Start every service of the topology as its own process; stop them all on a signal."""
     config = _topology(args.topology)
     topology = args.topology or str(DEFAULT_TOPOLOGY)
@@ -201,26 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="start every service of a topology")
     p.add_argument("--topology", help=f"topology file (default {DEFAULT_TOPOLOGY})")
-    p.set_defaults(func=cmd_up)
+    p.set_defaults(func=_cmd_up)
     p = sub.add_parser("origin", help="run the origin service")
     p.add_argument("--topology")
     p.add_argument("--port", type=int)
-    p.set_defaults(func=cmd_origin)
+    p.set_defaults(func=_cmd_origin)
     p = sub.add_parser("node", help="run one edge node")
     p.add_argument("--topology")
     p.add_argument("--region", required=True)
     p.add_argument("--port", type=int)
-    p.set_defaults(func=cmd_node)
+    p.set_defaults(func=_cmd_node)
     p = sub.add_parser("sim", help="run one simulated GPU inference server")
     p.add_argument("--topology")
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--port", type=int)
-    p.set_defaults(func=cmd_sim)
+    p.set_defaults(func=_cmd_sim)
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)
     c = csub.add_parser("check", help="validate a topology file")
     c.add_argument("file")
-    c.set_defaults(func=cmd_config_check)
+    c.set_defaults(func=_cmd_config_check)
     return parser
 
 

@@ -76,10 +76,8 @@ class NodeState:
                 return tenant
         raise Unauthorized("Incorrect API key provided")
 
-    def store(self, entry: Entry) -> None:
-        """Keep a filled answer: in memory at once, on disk in the background."""
-        self.memory.put(entry)
-        task = asyncio.create_task(asyncio.to_thread(self.disk.put, entry))
+    def background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
         self.writes.add(task)
         task.add_done_callback(self._written)
 
@@ -110,7 +108,7 @@ def _error_response(status: int, body: bytes, cache_status: str | None = None) -
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
     except EdgeCacheError as exc:
@@ -129,7 +127,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 # -- the completion endpoints ------------------------------------------------------------
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
+async def _completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     state = request.app[NODE]
     endpoint = _ENDPOINTS[request.path]
@@ -151,10 +149,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     found = None if cc.no_cache else state.memory.get(key, now)
     tier = "memory"
     if found is None and not cc.no_cache:
+        generation = state.memory.generation()   # a purge during the disk read wins over the promotion
         found = await asyncio.to_thread(state.disk.get, key, now)
         tier = "disk"
         if found is not None and found.is_fresh(now):
-            state.memory.put(found)
+            state.memory.put(found, since=generation)
     if found is not None and found.tenant != tenant:   # defence in depth: the key already scopes it
         found = None
 
@@ -193,7 +192,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                         ttl=parse_ttl(headers.get("X-EdgeCache-TTL"), config.default_ttl_s, config.max_ttl_s),
                         tenant=tenant, tags=parse_cache_tag_header(headers.get("Cache-Tag", "")),
                         max_entry_bytes=config.max_entry_bytes),
-            state.session, config.origin_timeout_s, state.store)
+            state.session, config.origin_timeout_s, (storer := _Storer(state)), prepare=storer.prepare)
         state.inflight[key] = fill
         fill.start()
         _forget_when_done(state, key, fill)
@@ -206,6 +205,24 @@ async def completions(request: web.Request) -> web.StreamResponse:
         state.metrics.observe(endpoint, result, time.perf_counter() - started)
 
 
+class _Storer:
+    """Stores a fill's answer unless a purge since the fill began touched its tags or key."""
+
+    def __init__(self, state: NodeState) -> None:
+        self.state = state
+        self.memory_since = state.memory.generation()
+        self.disk_since = 0
+
+    async def prepare(self) -> None:
+        """Runs before the origin request leaves: anything purged after this wins."""
+        self.disk_since = await asyncio.to_thread(self.state.disk.generation)
+
+    def __call__(self, entry: Entry) -> None:
+        """In memory at once, on disk in the background."""
+        self.state.memory.put(entry, since=self.memory_since)
+        self.state.background(asyncio.to_thread(self.state.disk.put, entry, since=self.disk_since))
+
+
 def _forget_when_done(state: NodeState, key: bytes, fill: Fill) -> None:
     async def forget() -> None:
         await fill.done.wait()
@@ -213,9 +230,7 @@ def _forget_when_done(state: NodeState, key: bytes, fill: Fill) -> None:
             del state.inflight[key]
         state.metrics.fill("stored" if fill.entry else "error" if fill.failure else "not_stored")
 
-    task = asyncio.create_task(forget())
-    state.writes.add(task)
-    task.add_done_callback(state.writes.discard)
+    state.background(forget())
 
 
 async def _answer_from_fill(request: web.Request, fill: Fill, stream: bool, include_usage: bool,
@@ -288,7 +303,7 @@ def _frames(endpoint: str, body: bytes, chunks: tuple[bytes, ...] | None, includ
 # -- the other endpoints -----------------------------------------------------------------
 
 
-async def models(request: web.Request) -> web.Response:
+async def _models(request: web.Request) -> web.Response:
     state = request.app[NODE]
     try:
         async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}"},
@@ -298,7 +313,7 @@ async def models(request: web.Request) -> web.Response:
         raise UpstreamUnavailable("the origin is unreachable") from None
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def _healthz(request: web.Request) -> web.Response:
     state = request.app[NODE]
     state.disk_stats = await asyncio.to_thread(lambda: (len(state.disk), state.disk.bytes))
     return web.json_response({
@@ -312,7 +327,7 @@ async def healthz(request: web.Request) -> web.Response:
     })
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def _metrics(request: web.Request) -> web.Response:
     state = request.app[NODE]
     state.disk_stats = await asyncio.to_thread(lambda: (len(state.disk), state.disk.bytes))
     resp = web.Response(body=generate_latest(state.metrics.registry))
@@ -334,9 +349,11 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     state = NodeState(config=config, memory=MemoryTier(config.memory_bytes), disk=disk, session=session,
                       metrics=metrics, keys=keys)
     app[NODE] = state
+    sweeper = asyncio.create_task(_sweep(state))
     try:
         yield
     finally:
+        sweeper.cancel()
         for fill in list(state.inflight.values()):
             fill.leave()
         if state.writes:
@@ -345,13 +362,26 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(disk.close)
 
 
+async def _sweep(state: NodeState, every_s: float = 60.0) -> None:
+    """Drop expired entries, and tag-index rows of entries the disk tier culled."""
+    while True:
+        await asyncio.sleep(every_s)
+        now = time.time()
+        state.memory.expire(now)
+        try:
+            await asyncio.to_thread(state.disk.expire, now)
+            await asyncio.to_thread(state.disk.prune_orphans)
+        except Exception:
+            log.exception("disk tier sweep failed")
+
+
 def create_app(config: NodeConfig) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_error_middleware])
     app[CONFIG] = config
     app.cleanup_ctx.append(_node_state)
-    app.router.add_post("/v1/chat/completions", completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/chat/completions", _completions)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
     return app

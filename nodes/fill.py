@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,8 @@ class Fill:
     """One in-flight origin request and the waiters sharing it."""
 
     def __init__(self, req: FillRequest, session: aiohttp.ClientSession, timeout: float,
-                 on_entry: Callable[[Entry], None], clock: Callable[[], float] = time.time) -> None:
+                 on_entry: Callable[[Entry], None], clock: Callable[[], float] = time.time,
+                 prepare: Callable[[], Awaitable[None]] | None = None) -> None:
         self.req = req
         self.chunks: list[tuple[bytes, bool]] = []   # (payload, is the usage-only chunk)
         self.started: asyncio.Future[UpstreamReply | None] = asyncio.get_running_loop().create_future()
@@ -67,6 +68,7 @@ class Fill:
         self._timeout = timeout
         self._on_entry = on_entry
         self._clock = clock
+        self._prepare = prepare
         self._progress: asyncio.Future[None] = self.started.get_loop().create_future()
         self._task: asyncio.Task[None] | None = None
 
@@ -115,6 +117,8 @@ class Fill:
     async def _run(self) -> None:
         try:
             async with asyncio.timeout(self._timeout):
+                if self._prepare is not None:
+                    await self._prepare()
                 await self._request()
         except asyncio.CancelledError:
             self.failure = UpstreamError("the request was cancelled", code="cancelled")

@@ -40,7 +40,7 @@ CONFIG = web.AppKey("config", Config)
 
 
 @web.middleware
-async def origin_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         if request.path not in _PUBLIC:
             token = request.app[CONFIG].auth.node_token
@@ -58,7 +58,7 @@ async def origin_middleware(request: web.Request, handler: Any) -> web.StreamRes
                             content_type="application/json")
 
 
-async def forward(request: web.Request) -> web.StreamResponse:
+async def _forward(request: web.Request) -> web.StreamResponse:
     """Pass a completion request to a backend and its answer back, streaming as it comes."""
     state = request.app[ORIGIN]
     body = await request.read()
@@ -97,7 +97,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         upstream.release()
 
 
-async def models(request: web.Request) -> web.Response:
+async def _models(request: web.Request) -> web.Response:
     state = request.app[ORIGIN]
     seen: dict[str, Any] = {}
     for _ in state.pool.backends:
@@ -118,14 +118,14 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": list(seen.values())}, dumps=lambda o: orjson.dumps(o).decode())
 
 
-async def health(request: web.Request) -> web.Response:
+async def _health(request: web.Request) -> web.Response:
     state = request.app[ORIGIN]
     return web.json_response({"status": "ok", "backends": [
         {"name": b.name, "url": b.config.url, "in_flight": b.in_flight, "failures": b.failures}
         for b in state.pool.backends]})
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def _metrics(request: web.Request) -> web.Response:
     resp = web.Response(body=generate_latest(request.app[ORIGIN].registry))
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
@@ -141,13 +141,13 @@ async def _origin_state(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_origin_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=config.origin.max_body_bytes, middlewares=[origin_middleware])
+    app = web.Application(client_max_size=config.origin.max_body_bytes, middlewares=[_origin_middleware])
     app[CONFIG] = config
     app.cleanup_ctx.append(_origin_state)
-    app.router.add_post("/v1/chat/completions", forward)
-    app.router.add_post("/v1/completions", forward)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/healthz", health)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/chat/completions", _forward)
+    app.router.add_post("/v1/completions", _forward)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/healthz", _health)
+    app.router.add_get("/metrics", _metrics)
     return app

@@ -13,7 +13,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from edgecache.config import BackendConfig, Config, NodeConfig, OriginConfig, SimConfig, TenantConfig
+from edgecache.config import (
+    BackendConfig,
+    Config,
+    NodeConfig,
+    OriginConfig,
+    SimConfig,
+    TenantConfig,
+)
 from nodes.app import create_app
 from origin.app import create_origin_app
 from origin.sim.app import create_sim_app

@@ -1,0 +1,55 @@
+"""Topology files: the local one loads, secrets come from the environment, errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgecache.config import load_config, parse_config
+from edgecache.errors import ConfigError
+
+LOCAL = Path(__file__).resolve().parents[2] / "deploy" / "local.toml"
+
+
+def test_local_topology_has_the_documented_services() -> None:
+    config = load_config(LOCAL, {})
+    assert config.origin.base_url == "http://127.0.0.1:8100"
+    assert [(e.region, e.port) for e in config.edges] == [("us-east", 8101), ("eu-west", 8102), ("ap-south", 8103)]
+    assert config.sim_urls() == [f"http://127.0.0.1:{p}" for p in range(8201, 8205)]
+    assert [b.url for b in config.all_backends()] == config.sim_urls()
+    assert all(e.origin_url == "http://127.0.0.1:8100" for e in config.edges)
+
+
+def test_secrets_are_overridden_by_the_environment() -> None:
+    env = {"EDGECACHE_ADMIN_TOKEN": "adm", "EDGECACHE_NODE_TOKEN": "nod", "EDGECACHE_WEBHOOK_SECRET": "whsec_abc"}
+    config = load_config(LOCAL, env)
+    assert (config.auth.admin_token, config.auth.node_token, config.auth.webhook_secret) == ("adm", "nod", "whsec_abc")
+    assert all(e.node_token == "nod" for e in config.edges)
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    ({"origin": {"prot": 1}}, "origin.prot: unknown key"),
+    ({"origin": {"port": "80"}}, "origin.port: expected int"),
+    ({"sim": {"time_scale": -1}}, "sim.time_scale: must not be negative"),
+    ({"edges": [{"port": 1}]}, "edges[0].region: required"),
+    ({"edges": [{"region": "a"}, {"region": "a"}]}, "regions must be unique"),
+    ({"edges": {"region": "a"}}, "edges: expected an array"),
+    ({"backends": [{"url": "ftp://x"}]}, "backends[0].url"),
+    ({"auth": {"webhook_secret": "plain"}}, "webhook_secret"),
+    ({"origin": {"routing": "random"}}, "origin.routing"),
+    ({"nodes": []}, "unknown section 'nodes'"),
+])
+def test_errors_name_the_key_at_fault(raw: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        parse_config(raw, {}, source="t.toml")
+    assert needle in str(info.value) and "t.toml" in str(info.value)
+
+
+def test_missing_file_and_bad_toml_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.toml", {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[origin\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, {})
