@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -137,3 +138,19 @@ async def serve_app() -> Callable[[web.Application], Awaitable[str]]:
     yield start
     for server in reversed(servers):
         await server.close()
+
+
+@pytest.fixture(autouse=True)
+def blockbuster():
+    """Fail any test whose event loop thread makes a blocking call (file, socket, sleep, sqlite)."""
+    from blockbuster import blockbuster_ctx
+
+    with blockbuster_ctx() as bb:
+        yield bb
+
+
+async def async_openai(base_url: str, api_key: str = "sk-test"):
+    """An ``openai.AsyncOpenAI`` client, built off the loop (its constructor reads package metadata)."""
+    import openai
+
+    return await asyncio.to_thread(openai.AsyncOpenAI, base_url=base_url, api_key=api_key, max_retries=0)

@@ -10,7 +10,7 @@ import pytest
 
 from edgecache.config import TenantConfig
 from nodes.app import create_app
-from tests.conftest import Stack
+from tests.conftest import Stack, async_openai
 from tests.integration.upstreams import CutStream, Failing, Gate
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ async def test_origin_unreachable_is_a_502(make_stack) -> None:
 async def test_cut_stream_is_not_stored(make_stack, serve_app) -> None:
     cut = CutStream()
     stack = await make_stack(sims=0, backends=(await serve_app(cut.app()),))
-    async with openai.AsyncOpenAI(base_url=stack.edges["us-east"] + "/v1", api_key="k", max_retries=0) as c:
+    async with await async_openai(stack.edges["us-east"] + "/v1") as c:
         with pytest.raises(openai.APIError):
             stream = await c.chat.completions.create(stream=True, **CHAT)
             async for _ in stream:

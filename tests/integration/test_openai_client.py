@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, async_openai
 
 pytestmark = pytest.mark.integration
 
@@ -15,12 +15,12 @@ MESSAGES = [{"role": "system", "content": "You are a support bot."},
             {"role": "user", "content": "How do I reset my password?"}]
 
 
-def client(stack: Stack, region: str = "us-east", key: str = "sk-test") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=stack.edges[region] + "/v1", api_key=key, max_retries=0)
+async def client(stack: Stack, region: str = "us-east", key: str = "sk-test") -> openai.AsyncOpenAI:
+    return await async_openai(stack.edges[region] + "/v1", key)
 
 
 async def test_second_identical_chat_request_is_an_edge_hit_with_identical_content(stack: Stack) -> None:
-    async with client(stack) as c:
+    async with await client(stack) as c:
         first = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES)
         before = await stack.origin_requests()
         second = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES)
@@ -36,7 +36,7 @@ async def test_second_identical_chat_request_is_an_edge_hit_with_identical_conte
 
 
 async def test_streamed_answer_replays_as_stream_and_as_json(stack: Stack) -> None:
-    async with client(stack) as c:
+    async with await client(stack) as c:
         stream = await c.chat.completions.create(model="sim-llm", messages=MESSAGES, stream=True)
         live = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
         replay = await c.chat.completions.create(model="sim-llm", messages=MESSAGES, stream=True,
@@ -52,7 +52,7 @@ async def test_streamed_answer_replays_as_stream_and_as_json(stack: Stack) -> No
 
 
 async def test_json_answer_replays_as_a_stream_in_openai_chunk_format(stack: Stack) -> None:
-    async with client(stack) as c:
+    async with await client(stack) as c:
         whole = await c.chat.completions.create(model="sim-llm", messages=MESSAGES)
         stream = await c.chat.completions.create(model="sim-llm", messages=MESSAGES, stream=True)
         chunks = [ch async for ch in stream]
@@ -64,7 +64,7 @@ async def test_json_answer_replays_as_a_stream_in_openai_chunk_format(stack: Sta
 
 
 async def test_completions_endpoint_hits_streamed_and_not(stack: Stack) -> None:
-    async with client(stack) as c:
+    async with await client(stack) as c:
         first = await c.completions.create(model="sim-llm", prompt="The capital of France is")
         stream = await c.completions.create(model="sim-llm", prompt="The capital of France is", stream=True)
         text = "".join([ch.choices[0].text async for ch in stream])
@@ -88,7 +88,7 @@ async def test_sync_client_gets_the_cached_answer(stack: Stack) -> None:
 
 
 async def test_different_prompts_get_different_answers(stack: Stack) -> None:
-    async with client(stack) as c:
+    async with await client(stack) as c:
         a = await c.chat.completions.create(model="sim-llm", messages=[{"role": "user", "content": "one"}])
         b = await c.chat.completions.create(model="sim-llm", messages=[{"role": "user", "content": "two"}])
     assert a.choices[0].message.content != b.choices[0].message.content
@@ -96,7 +96,7 @@ async def test_different_prompts_get_different_answers(stack: Stack) -> None:
 
 
 async def test_output_affecting_parameter_is_a_different_entry(stack: Stack) -> None:
-    async with client(stack) as c:
+    async with await client(stack) as c:
         await c.chat.completions.create(model="sim-llm", messages=MESSAGES, temperature=0)
         hot = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES, temperature=0.7)
     assert "fwd=miss" in hot.headers["Cache-Status"]
@@ -106,7 +106,7 @@ async def test_output_affecting_parameter_is_a_different_entry(stack: Stack) -> 
 async def test_each_region_has_its_own_cache(make_stack) -> None:
     stack = await make_stack(regions=("us-east", "eu-west", "ap-south"))
     for region in stack.edges:
-        async with client(stack, region) as c:
+        async with await client(stack, region) as c:
             raw = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES)
             assert raw.headers["Cache-Status"].startswith(f"edgecache-{region}; fwd=miss")
             again = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES)

@@ -1,0 +1,85 @@
+"""`edgecache up` starts a whole topology as processes, reports it, and stops it on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import async_openai
+
+pytestmark = pytest.mark.integration
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_config_check_names_the_key_at_fault(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[edges]]\nregion = "x"\nport = "eighty"\n')
+    run = subprocess.run([sys.executable, "-m", "edgecache.cli", "config", "check", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "edges[0].port" in run.stderr
+    ok = subprocess.run([sys.executable, "-m", "edgecache.cli", "config", "check", "deploy/local.toml"],
+                        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert ok.returncode == 0 and "3 edges, 4 backends" in ok.stdout
+
+
+async def test_up_serves_the_topology_and_stops_cleanly(tmp_path: Path) -> None:
+    origin, sim, east, west = free_ports(4)
+    topology = tmp_path / "topology.toml"
+    text = f"""
+[origin]
+port = {origin}
+[sim]
+count = 1
+base_port = {sim}
+time_scale = 0.0
+[[edges]]
+region = "us-east"
+port = {east}
+data_dir = "{tmp_path / 'us-east'}"
+[[edges]]
+region = "eu-west"
+port = {west}
+data_dir = "{tmp_path / 'eu-west'}"
+"""
+    await asyncio.to_thread(topology.write_text, text)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "edgecache.cli", "up", "--topology",
+                                                str(topology), stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while not (lines and "ready" in lines[-1]):
+                line = (await proc.stdout.readline()).decode()
+                assert line, f"edgecache up exited early: {lines}"
+                lines.append(line.strip())
+        text = "\n".join(lines)
+        for port in (origin, sim, east, west):
+            assert f"http://127.0.0.1:{port}" in text
+        async with await async_openai(f"http://127.0.0.1:{east}/v1") as c:
+            messages = [{"role": "user", "content": "ping"}]
+            first = await c.chat.completions.create(model="sim-llm", messages=messages)
+            again = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=messages)
+        assert "; hit;" in again.headers["Cache-Status"]
+        assert again.parse().choices[0].message.content == first.choices[0].message.content
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(proc.stdout.read(), 30)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    assert code == 0
+    assert b"stopped" in rest
