@@ -165,11 +165,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda s, f: stopping.append(s))
     procs: list[subprocess.Popen] = []
     try:
-        for name, url, argv in plan:
-            proc = subprocess.Popen(argv)
-            procs.append(proc)
+        for _, _, argv in plan:   # all at once: edges connect to the origin lazily
+            procs.append(subprocess.Popen(argv))
+        deadline = time.monotonic() + 90
+        for (name, url, _), proc in zip(plan, procs, strict=True):
             health = url + ("/healthz" if name.startswith(("edge", "origin")) else "/health")
-            _wait_healthy(health, proc, time.monotonic() + 60)
+            _wait_healthy(health, proc, deadline)
             print(f"{name:<24} {url}", flush=True)
             if stopping:
                 return 0

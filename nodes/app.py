@@ -260,10 +260,11 @@ async def _fan_out(request: web.Request, fill: Fill, include_usage: bool, base: 
                                        "Cache-Status": base + ("; stored" if fill.req.store else "")})
     await resp.prepare(request)
     try:
-        async for payload, usage_only in fill.live_chunks():
-            if usage_only and not include_usage:
-                continue
-            await resp.write(frame(payload))
+        async for payload, plain, usage_only in fill.live_chunks():
+            if include_usage:
+                await resp.write(frame(payload))
+            elif not usage_only:
+                await resp.write(frame(plain))
         if fill.failure is not None:
             failure = fill.failure
             await resp.write(frame(error_body(failure.message, failure.type, failure.code)))

@@ -57,7 +57,8 @@ class Fill:
                  on_entry: Callable[[Entry], None], clock: Callable[[], float] = time.time,
                  prepare: Callable[[], Awaitable[None]] | None = None) -> None:
         self.req = req
-        self.chunks: list[tuple[bytes, bool]] = []   # (payload, is the usage-only chunk)
+        # (payload as sent, payload without the "usage" key, is the usage-only chunk)
+        self.chunks: list[tuple[bytes, bytes, bool]] = []
         self.started: asyncio.Future[UpstreamReply | None] = asyncio.get_running_loop().create_future()
         self.done = asyncio.Event()
         self.entry: Entry | None = None
@@ -90,7 +91,7 @@ class Fill:
         """None once the origin answered 200; the reply to pass through otherwise."""
         return await asyncio.shield(self.started)
 
-    async def live_chunks(self) -> AsyncIterator[tuple[bytes, bool]]:
+    async def live_chunks(self) -> AsyncIterator[tuple[bytes, bytes, bool]]:
         """Every chunk so far, then each new one as it arrives, until the fill ends."""
         i = 0
         while True:
@@ -177,21 +178,23 @@ class Fill:
                 if not isinstance(chunk, dict):
                     raise UpstreamError("the origin sent a malformed stream chunk")
                 if "error" in chunk:
-                    self.chunks.append((payload, False))
+                    self.chunks.append((payload, payload, False))
                     self._wake()
                     raise UpstreamError("the origin reported an error inside the stream")
-                usage_only = is_usage_chunk(chunk)
-                if usage_only:
+                if is_usage_chunk(chunk):
                     usage = chunk["usage"]
-                else:
-                    parsed.append(chunk)
-                self.chunks.append((payload, usage_only))
+                    self.chunks.append((payload, payload, True))
+                    continue
+                parsed.append(chunk)
+                # We asked the origin for usage; a client that did not sees chunks without the key.
+                plain = orjson.dumps({k: v for k, v in chunk.items() if k != "usage"}) if "usage" in chunk else payload
+                self.chunks.append((payload, plain, False))
             self._wake()
         if not finished:
             raise UpstreamUnavailable("the origin's stream ended before [DONE]")
         body = orjson.dumps(assemble(self.req.endpoint, parsed, usage))
         self.body = body
-        self._finish(body, tuple(p for p, u in self.chunks if not u), usage)
+        self._finish(body, tuple(plain for _, plain, usage_only in self.chunks if not usage_only), usage)
 
     def _finish(self, body: bytes, chunks: tuple[bytes, ...] | None, usage: dict[str, Any] | None) -> None:
         req = self.req

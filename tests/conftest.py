@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -151,6 +152,4 @@ def blockbuster():
 
 async def async_openai(base_url: str, api_key: str = "sk-test"):
     """An ``openai.AsyncOpenAI`` client, built off the loop (its constructor reads package metadata)."""
-    import openai
-
     return await asyncio.to_thread(openai.AsyncOpenAI, base_url=base_url, api_key=api_key, max_retries=0)

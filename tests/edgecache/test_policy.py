@@ -6,7 +6,16 @@ import pytest
 
 from edgecache.entry import Entry
 from edgecache.errors import BadRequest
-from edgecache.policy import Bypass, CacheControl, Hit, Miss, Stale, decide, parse_cache_control, parse_ttl
+from edgecache.policy import (
+    Bypass,
+    CacheControl,
+    Hit,
+    Miss,
+    Stale,
+    decide,
+    parse_cache_control,
+    parse_ttl,
+)
 
 ENTRY = Entry(key=b"k" * 16, endpoint="chat", body=b"{}", chunks=None, created=1000.0, ttl=60.0, tenant="t")
 

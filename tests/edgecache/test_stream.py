@@ -5,7 +5,15 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from edgecache.stream import DONE, SSEParser, assemble, frame, is_usage_chunk, synthesize_chunks, usage_chunk
+from edgecache.stream import (
+    DONE,
+    SSEParser,
+    assemble,
+    frame,
+    is_usage_chunk,
+    synthesize_chunks,
+    usage_chunk,
+)
 
 CHAT = {
     "id": "chatcmpl-1", "object": "chat.completion", "created": 7, "model": "m",

@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from edgecache.config import TenantConfig
@@ -231,3 +232,21 @@ async def test_models_and_health_endpoints(stack: Stack) -> None:
 async def test_origin_refuses_requests_without_the_node_token(stack: Stack) -> None:
     status, _, body = await post(stack.origin_url, headers={"Authorization": "Bearer sk-client-key"})
     assert status == 401 and b"node token" in body
+
+
+async def test_streams_carry_usage_only_when_the_client_asks(stack: Stack) -> None:
+    edge = stack.edges["us-east"]
+    plain = {**CHAT, "stream": True}
+    with_usage = {**plain, "stream_options": {"include_usage": True}}
+    for body in (plain, plain, with_usage, plain):   # miss, hit, hit with usage, hit
+        status, headers, raw = await post(edge, body)
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        events = [e[len(b"data: "):] for e in raw.split(b"\n\n") if e]
+        assert events[-1] == b"[DONE]"
+        chunks = [orjson.loads(e) for e in events[:-1]]
+        if body is with_usage:
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+        else:
+            assert all("usage" not in c for c in chunks)
+            assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert await stack.origin_requests() == 1
