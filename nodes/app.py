@@ -139,11 +139,14 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     key = cache_key(endpoint, body, Scope(tenant)).digest    # validates the request's shape
     headers = request.headers
+    config = state.config
     cc = parse_cache_control(headers.get("Cache-Control"))
+    ttl = parse_ttl(headers.get("X-EdgeCache-TTL"), config.default_ttl_s, config.max_ttl_s)
+    tags = parse_cache_tag_header(headers.get("Cache-Tag", ""))
     stream = body.get("stream") is True
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    region = state.config.region
+    region = config.region
     now = time.time()
 
     found = None if cc.no_cache else state.memory.get(key, now)
@@ -182,15 +185,13 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         result = "collapsed"
         base += "; collapsed"
     else:
-        config = state.config
         fill = Fill(
             FillRequest(key=key, endpoint=endpoint, path=request.path, body=body, stream=stream,
                         headers={"Authorization": f"Bearer {config.node_token}",
                                  "Content-Type": _JSON,
                                  "X-EdgeCache-Tenant": tenant, "X-EdgeCache-Region": region},
                         store=not cc.no_store,
-                        ttl=parse_ttl(headers.get("X-EdgeCache-TTL"), config.default_ttl_s, config.max_ttl_s),
-                        tenant=tenant, tags=parse_cache_tag_header(headers.get("Cache-Tag", "")),
+                        ttl=ttl, tenant=tenant, tags=tags,
                         max_entry_bytes=config.max_entry_bytes),
             state.session, config.origin_timeout_s, (storer := _Storer(state)), prepare=storer.prepare)
         state.inflight[key] = fill

@@ -250,3 +250,13 @@ async def test_streams_carry_usage_only_when_the_client_asks(stack: Stack) -> No
             assert all("usage" not in c for c in chunks)
             assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert await stack.origin_requests() == 1
+
+
+async def test_bad_headers_are_refused_on_hits_too(stack: Stack) -> None:
+    edge = stack.edges["us-east"]
+    assert (await post(edge))[0] == 200
+    for headers in ({"Cache-Tag": "a b"}, {"X-EdgeCache-TTL": "forever"}, {"Cache-Control": "max-age=x"}):
+        status, _, body = await post(edge, headers=headers)
+        assert status == 400 and b"invalid_request_error" in body
+    _, headers, _ = await post(edge)
+    assert "; hit;" in headers["Cache-Status"]
