@@ -40,8 +40,11 @@ def _topology(path: str | None) -> Config:
     return load_config(path, os.environ)
 
 
-def _run_app(app_factory, host: str, port: int, *, reuse_port: bool = False) -> None:
-    """Serve one aiohttp application until SIGINT/SIGTERM, on uvloop where available."""
+def _run_app(app_factory, host: str, port: int, *, reuse_port: bool = False, listening=None) -> None:
+    """Serve one aiohttp application until SIGINT/SIGTERM, on uvloop where available.
+
+    ``listening``: a shared counter incremented once the socket accepts connections.
+    """
     from aiohttp import web
 
     async def serve() -> None:
@@ -49,6 +52,9 @@ def _run_app(app_factory, host: str, port: int, *, reuse_port: bool = False) -> 
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
         await site.start()
+        if listening is not None:
+            with listening.get_lock():
+                listening.value += 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,8 +96,12 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_run_app, args=(_NodeFactory(node), node.host, node.port),
-                         kwargs={"reuse_port": True}, daemon=False) for _ in range(node.workers)]
+    # /healthz says "starting" until every worker listens: a keep-alive client (or a load
+    # balancer) that connects earlier would otherwise stick to the first worker.
+    listening = ctx.Value("i", 0)
+    procs = [ctx.Process(target=_run_app, args=(_NodeFactory(node, listening), node.host, node.port),
+                         kwargs={"reuse_port": True, "listening": listening}, daemon=False)
+             for _ in range(node.workers)]
     for p in procs:
         p.start()
     _wait_for_signal()
@@ -105,13 +115,14 @@ def _cmd_node(args: argparse.Namespace) -> int:
 class _NodeFactory:
     """A picklable ``create_app`` call for worker processes."""
 
-    def __init__(self, node) -> None:
+    def __init__(self, node, listening) -> None:
         self.node = node
+        self.listening = listening
 
     def __call__(self):
         from nodes.app import create_app
 
-        return create_app(self.node)
+        return create_app(self.node, ready=lambda: self.listening.value >= self.node.workers)
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:

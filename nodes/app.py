@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from edgecache.stores.memory import MemoryTier
 from edgecache.stream import DONE, frame, synthesize_chunks, usage_chunk
 from edgecache.tags import parse_cache_tag_header
 from nodes.fill import Fill, FillRequest
+from nodes.memo import Memo
 from nodes.metrics import NodeMetrics
 
 __all__ = ["NODE", "NodeState", "create_app"]
@@ -58,6 +59,8 @@ class NodeState:
     metrics: NodeMetrics
     keys: dict[str, str]                      # API key -> tenant, when the topology lists tenants
     inflight: dict[bytes, Fill] = field(default_factory=dict)
+    memo: Memo = field(default_factory=lambda: Memo(4096))          # (endpoint, tenant, body) -> key facts
+    tenants: Memo = field(default_factory=lambda: Memo(4096))       # API key -> tenant
     writes: set[asyncio.Task[None]] = field(default_factory=set)
     disk_stats: tuple[int, int] = (0, 0)
 
@@ -68,7 +71,11 @@ class NodeState:
             if scheme.lower() == "bearer" and value.strip():
                 token = value.strip()
         if not self.config.tenants:
-            return tenant_id(token)
+            tenant = self.tenants.get(token)
+            if tenant is None:
+                tenant = tenant_id(token)
+                self.tenants.put(token, tenant)
+            return tenant
         if token is None:
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'")
         for known, tenant in self.keys.items():
@@ -95,6 +102,7 @@ class NodeState:
 NODE = web.AppKey("node", NodeState)
 CONFIG = web.AppKey("config", NodeConfig)
 CACHE_STATUS = web.RequestKey("cache_status", str)
+READY = web.AppKey("ready", Callable[[], bool])
 
 
 # -- middleware -------------------------------------------------------------------------
@@ -133,19 +141,23 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     endpoint = _ENDPOINTS[request.path]
     tenant = state.tenant_for(request.headers.get("Authorization"))
     raw = await request.read()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
-    key = cache_key(endpoint, body, Scope(tenant)).digest    # validates the request's shape
+    memo_key = (endpoint, tenant, raw)
+    memo = state.memo.get(memo_key)
+    body: dict[str, Any] | None = None
+    if memo is None:
+        body = _parse(raw)
+        key = cache_key(endpoint, body, Scope(tenant)).digest    # validates the request's shape
+        stream = body.get("stream") is True
+        options = body.get("stream_options")
+        include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+        state.memo.put(memo_key, (key, stream, include_usage))
+    else:
+        key, stream, include_usage = memo
     headers = request.headers
     config = state.config
     cc = parse_cache_control(headers.get("Cache-Control"))
     ttl = parse_ttl(headers.get("X-EdgeCache-TTL"), config.default_ttl_s, config.max_ttl_s)
     tags = parse_cache_tag_header(headers.get("Cache-Tag", ""))
-    stream = body.get("stream") is True
-    options = body.get("stream_options")
-    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     region = config.region
     now = time.time()
 
@@ -185,6 +197,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         result = "collapsed"
         base += "; collapsed"
     else:
+        if body is None:
+            body = _parse(raw)
         fill = Fill(
             FillRequest(key=key, endpoint=endpoint, path=request.path, body=body, stream=stream,
                         headers={"Authorization": f"Bearer {config.node_token}",
@@ -222,6 +236,13 @@ class _Storer:
         """In memory at once, on disk in the background."""
         self.state.memory.put(entry, since=self.memory_since)
         self.state.background(asyncio.to_thread(self.state.disk.put, entry, since=self.disk_since))
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
 
 
 def _forget_when_done(state: NodeState, key: bytes, fill: Fill) -> None:
@@ -318,8 +339,9 @@ async def _models(request: web.Request) -> web.Response:
 async def _healthz(request: web.Request) -> web.Response:
     state = request.app[NODE]
     state.disk_stats = await asyncio.to_thread(lambda: (len(state.disk), state.disk.bytes))
-    return web.json_response({
-        "status": "ok",
+    starting = not request.app[READY]()
+    return web.json_response(status=503 if starting else 200, data={
+        "status": "starting" if starting else "ok",
         "region": state.config.region,
         "tiers": {"memory": {"entries": len(state.memory), "bytes": state.memory.bytes},
                   "disk": {"entries": state.disk_stats[0], "bytes": state.disk_stats[1]}},
@@ -377,9 +399,11 @@ async def _sweep(state: NodeState, every_s: float = 60.0) -> None:
             log.exception("disk tier sweep failed")
 
 
-def create_app(config: NodeConfig) -> web.Application:
+def create_app(config: NodeConfig, *, ready: Callable[[], bool] | None = None) -> web.Application:
+    """The edge node. ``ready``: False while sibling worker processes are still starting."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_error_middleware])
     app[CONFIG] = config
+    app[READY] = ready or (lambda: True)
     app.cleanup_ctx.append(_node_state)
     app.router.add_post("/v1/chat/completions", _completions)
     app.router.add_post("/v1/completions", _completions)

@@ -26,6 +26,12 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def listening_sockets(port: int) -> int:
+    """Sockets in LISTEN state on ``port`` (Linux /proc/net/tcp)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for r in rows if r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A")
+
+
 def test_config_check_names_the_key_at_fault(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[edges]]\nregion = "x"\nport = "eighty"\n')
@@ -54,6 +60,7 @@ data_dir = "{tmp_path / 'us-east'}"
 [[edges]]
 region = "eu-west"
 port = {west}
+workers = 2
 data_dir = "{tmp_path / 'eu-west'}"
 """
     await asyncio.to_thread(topology.write_text, text)
@@ -76,6 +83,11 @@ data_dir = "{tmp_path / 'eu-west'}"
             again = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=messages)
         assert "; hit;" in again.headers["Cache-Status"]
         assert again.parse().choices[0].message.content == first.choices[0].message.content
+        # eu-west runs two worker processes: both listen once the stack says it is ready.
+        assert await asyncio.to_thread(listening_sockets, west) == 2
+        async with await async_openai(f"http://127.0.0.1:{west}/v1") as c:
+            west_answer = await c.chat.completions.create(model="sim-llm", messages=messages)
+        assert west_answer.choices[0].message.content == first.choices[0].message.content
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
