@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TOPOLOGY ?= deploy/local.toml
 
-.PHONY: up test bench lint install clean
+.PHONY: up test bench bench-tools lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,16 @@ up: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) bench-tools
 	mkdir -p bench/out
 	$(PY) -m bench.hit_path --quick --json bench/out/hit_path.json
+
+# wrk (Debian package) measures the hit path; without it the benchmarks fall back to an
+# aiohttp load generator and say so. Best effort: needs root and Debian's apt.
+bench-tools:
+	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get install -y -q wrk >/dev/null 2>&1 && echo "installed wrk"; } || \
+		echo "wrk not installed: benchmarks use the aiohttp load generator"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
