@@ -108,10 +108,12 @@ READY = web.AppKey("ready", Callable[[], bool])
 # -- middleware -------------------------------------------------------------------------
 
 
-def _error_response(status: int, body: bytes, cache_status: str | None = None) -> web.Response:
+def _error_response(request: web.Request, status: int, body: bytes) -> web.Response:
+    """An OpenAI-style error; on the completion endpoints it says what the cache did, too."""
     resp = web.Response(status=status, body=body, content_type=_JSON)
-    if cache_status:
-        resp.headers["Cache-Status"] = cache_status
+    if request.path in _ENDPOINTS:
+        resp.headers["Cache-Status"] = request.get(CACHE_STATUS) or (
+            f"edgecache-{request.app[CONFIG].region}; fwd=bypass; detail=rejected")
     return resp
 
 
@@ -120,16 +122,16 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         return await handler(request)
     except EdgeCacheError as exc:
-        return _error_response(exc.status, exc.body(), request.get(CACHE_STATUS))
+        return _error_response(request, exc.status, exc.body())
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = "payload_too_large" if exc.status == 413 else None
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        return _error_response(exc.status, error_body(exc.reason, kind, code))
+        return _error_response(request, exc.status, error_body(exc.reason, kind, code))
     except Exception:
         log.exception("unhandled error on %s", request.path)
-        return _error_response(500, error_body("internal error in the edge node", "server_error"))
+        return _error_response(request, 500, error_body("internal error in the edge node", "server_error"))
 
 
 # -- the completion endpoints ------------------------------------------------------------

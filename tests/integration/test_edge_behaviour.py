@@ -180,8 +180,10 @@ async def test_client_ttl_is_capped_and_reported(stack: Stack) -> None:
      400, b"error"),
 ])
 async def test_bad_input_gets_a_clear_4xx(stack: Stack, raw: bytes, headers: dict, status: int, needle: bytes) -> None:
-    got, _, body = await post(stack.edges["us-east"], raw=raw, headers={"Content-Type": "application/json", **headers})
+    got, answer_headers, body = await post(stack.edges["us-east"], raw=raw,
+                                           headers={"Content-Type": "application/json", **headers})
     assert got == status and needle in body
+    assert answer_headers["Cache-Status"] == "edgecache-us-east; fwd=bypass; detail=rejected"
     assert b'"error"' in body
     assert await stack.origin_requests() == 0
 
