@@ -5,7 +5,8 @@ An ``Entry`` is a pure value. It never reads a clock: every question about time 
 format version in front, so a store can recognise data it does not understand and drop it::
 
     [FORMAT, key, endpoint, body, chunks, created, ttl, tenant,
-     prefix_id, prefix_version, [tags, sorted], [prompt, completion, cached], stale]
+     prefix_id, prefix_version, [tags, sorted], [prompt, completion, cached], stale,
+     semantic_scope, query]
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import msgpack
 
 __all__ = ["FORMAT", "Entry", "Usage"]
 
-FORMAT = 1
+FORMAT = 2
 """The serialisation format version written by ``Entry.to_bytes``."""
 
-_FIELDS = 13
+_FIELDS = 15
 _OVERHEAD = 256          # the dataclass, its key, scope strings and bookkeeping, roughly
 _CHUNK_OVERHEAD = 40     # a bytes object per stream chunk
 _TAG_OVERHEAD = 56       # a str object per tag
@@ -46,6 +47,8 @@ class Entry:
     tenant, prefix_id, prefix_version: the scope it was made in.
     tags: purge tags (``doc:42``, ``prefix:<id>``). usage: token counts.
     stale: soft-purged; never served as fresh again.
+    semantic_scope: the 16-byte scope of the semantic tier (everything but the question), or
+    None when the request cannot take semantic hits. query: the question that was embedded.
     """
 
     key: bytes
@@ -60,6 +63,8 @@ class Entry:
     tags: frozenset[str] = frozenset()
     usage: Usage = Usage()
     stale: bool = False
+    semantic_scope: bytes | None = None
+    query: str | None = None
 
     def expires_at(self) -> float:
         """Epoch seconds from which the entry is expired."""
@@ -83,7 +88,7 @@ class Entry:
     @property
     def size(self) -> int:
         """Approximate bytes held in memory; what the tiers count against their byte bounds."""
-        n = _OVERHEAD + len(self.key) + len(self.body) + len(self.tenant)
+        n = _OVERHEAD + len(self.key) + len(self.body) + len(self.tenant) + len(self.query or "")
         if self.chunks is not None:
             n += sum(len(c) for c in self.chunks) + _CHUNK_OVERHEAD * len(self.chunks)
         if self.tags:
@@ -100,6 +105,7 @@ class Entry:
                 float(self.created), float(self.ttl), self.tenant,
                 self.prefix_id, self.prefix_version, sorted(self.tags),
                 (u.prompt_tokens, u.completion_tokens, u.cached_tokens), self.stale,
+                self.semantic_scope, self.query,
             ),
             use_bin_type=True,
         )
@@ -117,7 +123,7 @@ class Entry:
         if len(obj) != _FIELDS:
             raise ValueError(f"corrupt cache entry: {len(obj)} fields, expected {_FIELDS}")
         (_, key, endpoint, body, chunks, created, ttl, tenant,
-         prefix_id, prefix_version, tags, usage, stale) = obj
+         prefix_id, prefix_version, tags, usage, stale, semantic_scope, query) = obj
         _check(isinstance(key, bytes), "key")
         _check(isinstance(endpoint, str), "endpoint")
         _check(isinstance(body, bytes), "body")
@@ -131,10 +137,12 @@ class Entry:
         _check(isinstance(usage, tuple) and len(usage) == 3
                and all(type(n) is int for n in usage), "usage")
         _check(isinstance(stale, bool), "stale")
+        _check(semantic_scope is None or isinstance(semantic_scope, bytes), "semantic_scope")
+        _check(query is None or isinstance(query, str), "query")
         return cls(key=key, endpoint=endpoint, body=body, chunks=chunks, created=float(created),
                    ttl=float(ttl), tenant=tenant, prefix_id=prefix_id,
                    prefix_version=prefix_version, tags=frozenset(tags), usage=Usage(*usage),
-                   stale=stale)
+                   stale=stale, semantic_scope=semantic_scope, query=query)
 
 
 def _is_number(value: object) -> bool:

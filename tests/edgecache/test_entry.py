@@ -21,7 +21,7 @@ def make(**changes: object) -> Entry:
 def test_entry_round_trips_through_bytes_with_every_field() -> None:
     entry = make(chunks=(b'{"a":1}', b'{"b":2}'), prefix_id="kb", prefix_version="v9",
                  tags=frozenset({"doc:42", "prefix:kb"}), usage=Usage(10, 5, 8), stale=True,
-                 endpoint="completions")
+                 endpoint="completions", semantic_scope=b"s" * 16, query="How do I reset my password?")
     assert Entry.from_bytes(entry.to_bytes()) == entry
 
 
@@ -60,7 +60,8 @@ def test_unknown_format_version_raises_value_error() -> None:
 
 
 @pytest.mark.parametrize(("index", "value"), [(1, "not-bytes"), (3, 7), (4, [1]), (5, "soon"),
-                                              (10, ["doc:1", 2]), (11, [1, 2]), (12, 1)])
+                                              (10, ["doc:1", 2]), (11, [1, 2]), (12, 1),
+                                              (13, "scope"), (14, b"query")])
 def test_field_of_the_wrong_type_raises_value_error(index: int, value: object) -> None:
     fields = list(msgpack.unpackb(make().to_bytes()))
     fields[index] = value
