@@ -47,6 +47,7 @@ __all__ = [
     "Config",
     "NodeConfig",
     "OriginConfig",
+    "SemanticConfig",
     "SimConfig",
     "TenantConfig",
     "load_config",
@@ -150,6 +151,32 @@ class OriginConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SemanticConfig:
+    """The semantic tier of every edge node (needs ``pip install edgecache[semantic]``).
+
+    enabled: answer near-duplicate questions from cache (False).
+    max_false_hit_rate: the error bound the hit threshold is calibrated to (0.01).
+    policy_path: a calibration file from ``edgecache calibrate`` ("" = the shipped one).
+    candidates: nearest neighbours checked per lookup (4).
+    max_query_chars: longer questions never take semantic hits (500).
+    batch_window_s: how long the micro-batcher waits to fill a batch (0.002).
+    max_batch: questions embedded in one call at most (32).
+    max_queue: questions waiting for the embedder at most; beyond it, no semantic lookup (1024).
+    save_interval_s: how often the vector index is written to the data folder (60).
+    """
+
+    enabled: bool = False
+    max_false_hit_rate: float = 0.01
+    policy_path: str = ""
+    candidates: int = 4
+    max_query_chars: int = 500
+    batch_window_s: float = 0.002
+    max_batch: int = 32
+    max_queue: int = 1024
+    save_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """One edge node.
 
@@ -179,7 +206,7 @@ class NodeConfig:
     origin_url: str = "http://127.0.0.1:8100"
     node_token: str = "dev-node-token"
     tenants: tuple[TenantConfig, ...] = ()
-    models: tuple[str, ...] = ()
+    semantic: SemanticConfig = SemanticConfig()
 
     @property
     def base_url(self) -> str:
@@ -196,6 +223,7 @@ class Config:
     backends: tuple[BackendConfig, ...] = ()
     edges: tuple[NodeConfig, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
+    semantic: SemanticConfig = SemanticConfig()
     source: str = "<defaults>"
 
     def sim_urls(self) -> list[str]:
@@ -205,9 +233,6 @@ class Config:
         """Configured backends, then the simulated ones."""
         sims = tuple(BackendConfig(url=u, name=f"sim-{i + 1}") for i, u in enumerate(self.sim_urls()))
         return self.backends + sims
-
-    def models(self) -> tuple[str, ...]:
-        return (self.sim.model,) if self.sim.count else ()
 
     def edge(self, region: str) -> NodeConfig:
         for edge in self.edges:
@@ -269,7 +294,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: str = "<config>",
                  base_dir: Path | None = None) -> Config:
     """Turn a parsed TOML document into a ``Config``; ``environ`` overrides secrets."""
-    allowed = {"auth", "origin", "sim", "backends", "edges", "tenants"}
+    allowed = {"auth", "origin", "sim", "backends", "edges", "tenants", "semantic"}
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"{source}: unknown section {key!r} (expected one of {', '.join(sorted(allowed))})")
@@ -292,17 +317,21 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
     tenants = tuple(
         _build(TenantConfig, t, f"{source}: tenants[{i}]") for i, t in enumerate(_list(raw, "tenants", source))
     )
-    models = (sim.model,) if sim.count else ()
+    semantic = _build(SemanticConfig, raw.get("semantic", {}), f"{source}: semantic")
+    if not 0 < semantic.max_false_hit_rate < 1:
+        raise ConfigError(f"{source}: semantic.max_false_hit_rate: expected a rate between 0 and 1")
+    if semantic.candidates < 1 or semantic.max_batch < 1 or semantic.max_queue < 1:
+        raise ConfigError(f"{source}: semantic: candidates, max_batch and max_queue must be >= 1")
     edges = []
     for i, e in enumerate(_list(raw, "edges", source)):
         where = f"{source}: edges[{i}]"
         if not isinstance(e, Mapping) or not isinstance(e.get("region"), str) or not e["region"]:
             raise ConfigError(f"{where}.region: required (a non-empty string)")
-        for key in ("origin_url", "node_token", "tenants", "models"):
+        for key in ("origin_url", "node_token", "tenants", "semantic"):
             if key in e:
                 raise ConfigError(f"{where}.{key}: unknown key (set by the topology)")
         edge = _build(NodeConfig, e, where, origin_url=origin.base_url, node_token=auth.node_token,
-                      tenants=tenants, models=models)
+                      tenants=tenants, semantic=semantic)
         if not edge.data_dir:
             edge = replace(edge, data_dir=str((base_dir or Path.cwd()) / "var" / edge.region))
         if edge.workers < 1:
@@ -312,7 +341,7 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
     if len(set(regions)) != len(regions):
         raise ConfigError(f"{source}: edges: regions must be unique, got {regions}")
     return Config(auth=auth, origin=origin, sim=sim, backends=backends, edges=tuple(edges),
-                  tenants=tenants, source=source)
+                  tenants=tenants, semantic=semantic, source=source)
 
 
 def _list(raw: Mapping[str, Any], key: str, source: str) -> list[Any]:

@@ -30,7 +30,17 @@ from edgecache.errors import (
     error_body,
 )
 from edgecache.keys import Scope, cache_key, tenant_id
-from edgecache.policy import Bypass, Hit, Miss, Stale, decide, parse_cache_control, parse_ttl
+from edgecache.policy import (
+    Bypass,
+    CacheControl,
+    Hit,
+    Miss,
+    Stale,
+    decide,
+    parse_cache_control,
+    parse_ttl,
+)
+from edgecache.semantic import SemanticQuery, semantic_query
 from edgecache.stores.disk import DiskTier
 from edgecache.stores.memory import MemoryTier
 from edgecache.stream import DONE, frame, synthesize_chunks, usage_chunk
@@ -38,6 +48,7 @@ from edgecache.tags import parse_cache_tag_header
 from nodes.fill import Fill, FillRequest
 from nodes.memo import Memo
 from nodes.metrics import NodeMetrics
+from nodes.semantic import SemanticTier, open_semantic_tier
 
 __all__ = ["NODE", "NodeState", "create_app"]
 
@@ -63,6 +74,8 @@ class NodeState:
     tenants: Memo = field(default_factory=lambda: Memo(4096))       # API key -> tenant
     writes: set[asyncio.Task[None]] = field(default_factory=set)
     disk_stats: tuple[int, int] = (0, 0)
+    semantic: SemanticTier | None = None
+    semantic_status: str = "disabled"
 
     def tenant_for(self, authorization: str | None) -> str:
         token = None
@@ -92,6 +105,20 @@ class NodeState:
         self.writes.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("disk tier write failed: %r", task.exception())
+
+    async def purge_tags(self, tags: frozenset[str], *, soft: bool = False) -> int:
+        """Purge every entry carrying one of ``tags`` from every tier and the semantic index.
+
+        The disk goes first, then memory: a promotion racing the purge cannot bring an
+        entry back (it is refused by the memory tier's generation check).
+        """
+        keys = set(await asyncio.to_thread(lambda: [k for t in tags for k in self.disk.keys_for_tag(t)]))
+        keys.update(k for t in tags for k in self.memory.keys_for_tag(t))
+        on_disk = await asyncio.to_thread(self.disk.purge_tags, tags, soft=soft)
+        in_memory = self.memory.purge_tags(tags, soft=soft)
+        if self.semantic is not None and not soft:
+            await self.semantic.forget(sorted(keys))
+        return max(on_disk, in_memory)
 
     def tier_stats(self, tier: str) -> tuple[int, int]:
         if tier == "memory":
@@ -137,96 +164,159 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
 # -- the completion endpoints ------------------------------------------------------------
 
 
-async def _completions(request: web.Request) -> web.StreamResponse:
-    started = time.perf_counter()
-    state = request.app[NODE]
+@dataclass(slots=True)
+class _Request:
+    """A completion request as the hit path sees it."""
+
+    endpoint: str
+    tenant: str
+    raw: bytes
+    body: dict[str, Any] | None      # parsed lazily: a memoised repeat needs only the key
+    key: bytes
+    stream: bool
+    include_usage: bool
+    cc: CacheControl
+    ttl: float
+    tags: frozenset[str]
+
+    def parsed(self) -> dict[str, Any]:
+        if self.body is None:
+            self.body = _parse(self.raw)
+        return self.body
+
+
+async def _read_request(request: web.Request, state: NodeState) -> _Request:
     endpoint = _ENDPOINTS[request.path]
     tenant = state.tenant_for(request.headers.get("Authorization"))
     raw = await request.read()
     memo_key = (endpoint, tenant, raw)
     memo = state.memo.get(memo_key)
-    body: dict[str, Any] | None = None
+    body = None
     if memo is None:
         body = _parse(raw)
         key = cache_key(endpoint, body, Scope(tenant)).digest    # validates the request's shape
         stream = body.get("stream") is True
         options = body.get("stream_options")
         include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-        state.memo.put(memo_key, (key, stream, include_usage))
-    else:
-        key, stream, include_usage = memo
+        memo = (key, stream, include_usage)
+        state.memo.put(memo_key, memo)
     headers = request.headers
     config = state.config
-    cc = parse_cache_control(headers.get("Cache-Control"))
-    ttl = parse_ttl(headers.get("X-EdgeCache-TTL"), config.default_ttl_s, config.max_ttl_s)
-    tags = parse_cache_tag_header(headers.get("Cache-Tag", ""))
-    region = config.region
+    return _Request(endpoint, tenant, raw, body, *memo,
+                    cc=parse_cache_control(headers.get("Cache-Control")),
+                    ttl=parse_ttl(headers.get("X-EdgeCache-TTL"), config.default_ttl_s, config.max_ttl_s),
+                    tags=parse_cache_tag_header(headers.get("Cache-Tag", "")))
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    state = request.app[NODE]
+    req = await _read_request(request, state)
+    region = state.config.region
     now = time.time()
+    found, tier = await _exact_lookup(state, req, now)
 
-    found = None if cc.no_cache else state.memory.get(key, now)
-    tier = "memory"
-    if found is None and not cc.no_cache:
-        generation = state.memory.generation()   # a purge during the disk read wins over the promotion
-        found = await asyncio.to_thread(state.disk.get, key, now)
-        tier = "disk"
-        if found is not None and found.is_fresh(now):
-            state.memory.put(found, since=generation)
-    if found is not None and found.tenant != tenant:   # defence in depth: the key already scopes it
-        found = None
-
-    match decide(cc, found, now):
+    match decide(req.cc, found, now):
         case Hit(entry):
             status = (f'edgecache-{region}; hit; detail={tier}; ttl={int(entry.expires_at() - now)}; '
-                      f'key="{key.hex()}"')
-            resp = _replay(entry, stream, include_usage, status)
-            resp.headers["Age"] = str(int(entry.age(now)))
-            state.metrics.observe(endpoint, "hit", time.perf_counter() - started)
-            return resp
+                      f'key="{req.key.hex()}"')
+            state.metrics.observe(req.endpoint, "hit", time.perf_counter() - started)
+            return _replay(entry, req.stream, req.include_usage, status, now)
         case Stale():
             fwd, result = "stale", "stale"
         case Bypass():
             fwd, result = "request", "bypass"
         case Miss():
             fwd, result = "miss", "miss"
-    base = f'edgecache-{region}; fwd={fwd}; key="{key.hex()}"'
-    if cc.only_if_cached:
+
+    query = vector = None
+    if result == "miss" and state.semantic is not None \
+            and request.headers.get("X-EdgeCache-Semantic", "").lower() != "off":
+        query = semantic_query(req.endpoint, req.parsed(), Scope(req.tenant),
+                               max_chars=state.config.semantic.max_query_chars)
+        if query is not None:
+            vector = await state.semantic.embed(query.text)
+            semantic = None if vector is None else await state.semantic.lookup(
+                query, vector, req.tenant, lambda k: _fetch(state, k, now))
+            if semantic is not None:
+                entry = semantic.entry
+                status = (f'edgecache-{region}; hit; detail="semantic {semantic.score:.3f}"; '
+                          f'ttl={int(entry.expires_at() - now)}; key="{entry.key.hex()}"')
+                state.metrics.observe(req.endpoint, "semantic_hit", time.perf_counter() - started)
+                return _replay(entry, req.stream, req.include_usage, status, now)
+
+    base = f'edgecache-{region}; fwd={fwd}; key="{req.key.hex()}"'
+    if req.cc.only_if_cached:
         request[CACHE_STATUS] = f"{base}; detail=only-if-cached"
-        state.metrics.observe(endpoint, "error", time.perf_counter() - started)
+        state.metrics.observe(req.endpoint, "error", time.perf_counter() - started)
         raise NotCached("The answer is not cached and the request said only-if-cached")
 
-    fill = state.inflight.get(key)
+    fill = state.inflight.get(req.key)
     if fill is not None:
         result = "collapsed"
         base += "; collapsed"
     else:
-        if body is None:
-            body = _parse(raw)
-        fill = Fill(
-            FillRequest(key=key, endpoint=endpoint, path=request.path, body=body, stream=stream,
-                        headers={"Authorization": f"Bearer {config.node_token}",
-                                 "Content-Type": _JSON,
-                                 "X-EdgeCache-Tenant": tenant, "X-EdgeCache-Region": region},
-                        store=not cc.no_store,
-                        ttl=ttl, tenant=tenant, tags=tags,
-                        max_entry_bytes=config.max_entry_bytes),
-            state.session, config.origin_timeout_s, (storer := _Storer(state)), prepare=storer.prepare)
-        state.inflight[key] = fill
-        fill.start()
-        _forget_when_done(state, key, fill)
+        fill = _start_fill(state, request.path, req, query, vector)
     fill.join()
     request[CACHE_STATUS] = base
     try:
-        return await _answer_from_fill(request, fill, stream, include_usage, base)
+        return await _answer_from_fill(request, fill, req.stream, req.include_usage, base)
     finally:
         fill.leave()
-        state.metrics.observe(endpoint, result, time.perf_counter() - started)
+        state.metrics.observe(req.endpoint, result, time.perf_counter() - started)
+
+
+async def _exact_lookup(state: NodeState, req: _Request, now: float) -> tuple[Entry | None, str]:
+    """Memory, then disk (promoted to memory); nothing under ``no-cache``."""
+    if req.cc.no_cache:
+        return None, "memory"
+    found = state.memory.get(req.key, now)
+    tier = "memory"
+    if found is None:
+        found, tier = await _from_disk(state, req.key, now), "disk"
+    if found is not None and found.tenant != req.tenant:   # defence in depth: the key already scopes it
+        found = None
+    return found, tier
+
+
+async def _from_disk(state: NodeState, key: bytes, now: float) -> Entry | None:
+    generation = state.memory.generation()   # a purge during the disk read wins over the promotion
+    found = await asyncio.to_thread(state.disk.get, key, now)
+    if found is not None and found.is_fresh(now):
+        state.memory.put(found, since=generation)
+    return found
+
+
+async def _fetch(state: NodeState, key: bytes, now: float) -> Entry | None:
+    """A fresh entry by key from either tier, for the semantic tier's neighbours."""
+    found = state.memory.get(key, now) or await _from_disk(state, key, now)
+    return found if found is not None and found.is_fresh(now) else None
+
+
+def _start_fill(state: NodeState, path: str, req: _Request, query: SemanticQuery | None,
+                vector: Any) -> Fill:
+    config = state.config
+    storer = _Storer(state, vector)
+    fill = Fill(
+        FillRequest(key=req.key, endpoint=req.endpoint, path=path, body=req.parsed(), stream=req.stream,
+                    headers={"Authorization": f"Bearer {config.node_token}", "Content-Type": _JSON,
+                             "X-EdgeCache-Tenant": req.tenant, "X-EdgeCache-Region": config.region},
+                    store=not req.cc.no_store, ttl=req.ttl, tenant=req.tenant, tags=req.tags,
+                    max_entry_bytes=config.max_entry_bytes,
+                    semantic_scope=query.scope if query else None, query=query.text if query else None),
+        state.session, config.origin_timeout_s, storer, prepare=storer.prepare)
+    state.inflight[req.key] = fill
+    fill.start()
+    _forget_when_done(state, req.key, fill)
+    return fill
 
 
 class _Storer:
     """Stores a fill's answer unless a purge since the fill began touched its tags or key."""
 
-    def __init__(self, state: NodeState) -> None:
+    def __init__(self, state: NodeState, vector: Any = None) -> None:
         self.state = state
+        self.vector = vector
         self.memory_since = state.memory.generation()
         self.disk_since = 0
 
@@ -235,9 +325,13 @@ class _Storer:
         self.disk_since = await asyncio.to_thread(self.state.disk.generation)
 
     def __call__(self, entry: Entry) -> None:
-        """In memory at once, on disk in the background."""
-        self.state.memory.put(entry, since=self.memory_since)
-        self.state.background(asyncio.to_thread(self.state.disk.put, entry, since=self.disk_since))
+        """In memory at once; on disk and in the semantic index in the background."""
+        state = self.state
+        if not state.memory.put(entry, since=self.memory_since):
+            return   # purged while it was being fetched
+        state.background(asyncio.to_thread(state.disk.put, entry, since=self.disk_since))
+        if state.semantic is not None and entry.semantic_scope is not None:
+            state.background(state.semantic.remember(entry, self.vector))
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
@@ -303,8 +397,8 @@ async def _fan_out(request: web.Request, fill: Fill, include_usage: bool, base: 
 # -- replaying a stored answer -----------------------------------------------------------
 
 
-def _replay(entry: Entry, stream: bool, include_usage: bool, cache_status: str) -> web.Response:
-    headers = {"Cache-Status": cache_status}
+def _replay(entry: Entry, stream: bool, include_usage: bool, cache_status: str, now: float) -> web.Response:
+    headers = {"Cache-Status": cache_status, "Age": str(int(entry.age(now)))}
     if not stream:
         return web.Response(body=entry.body, content_type=_JSON, headers=headers)
     return web.Response(body=_frames(entry.endpoint, entry.body, entry.chunks, include_usage),
@@ -349,7 +443,7 @@ async def _healthz(request: web.Request) -> web.Response:
                   "disk": {"entries": state.disk_stats[0], "bytes": state.disk_stats[1]}},
         "inflight": len(state.inflight),
         "waiters": sum(f.waiters for f in state.inflight.values()),
-        "semantic": "disabled",
+        "semantic": state.semantic.health() if state.semantic else {"status": state.semantic_status},
     })
 
 
@@ -375,15 +469,22 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     state = NodeState(config=config, memory=MemoryTier(config.memory_bytes), disk=disk, session=session,
                       metrics=metrics, keys=keys)
     app[NODE] = state
-    sweeper = asyncio.create_task(_sweep(state))
+    state.semantic, state.semantic_status = await open_semantic_tier(
+        config.semantic, config.data_dir, lambda key: disk.get(key, time.time()) is not None)
+    tasks = [asyncio.create_task(_sweep(state))]
+    if state.semantic is not None:
+        tasks.append(asyncio.create_task(state.semantic.save_periodically()))
     try:
         yield
     finally:
-        sweeper.cancel()
+        for task in tasks:
+            task.cancel()
         for fill in list(state.inflight.values()):
             fill.leave()
         if state.writes:
             await asyncio.gather(*state.writes, return_exceptions=True)
+        if state.semantic is not None:
+            await state.semantic.close()
         await session.close()
         await asyncio.to_thread(disk.close)
 

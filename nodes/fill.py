@@ -39,6 +39,8 @@ class FillRequest:
     tenant: str
     tags: frozenset[str]
     max_entry_bytes: int
+    semantic_scope: bytes | None = None   # set when the answer may serve paraphrases
+    query: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +206,7 @@ class Fill:
         details = u.get("prompt_tokens_details") or {}
         entry = Entry(key=req.key, endpoint=req.endpoint, body=body, chunks=chunks, created=self._clock(),
                       ttl=req.ttl, tenant=req.tenant, tags=req.tags,
+                      semantic_scope=req.semantic_scope, query=req.query,
                       usage=Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
                                   completion_tokens=int(u.get("completion_tokens") or 0),
                                   cached_tokens=int(details.get("cached_tokens") or 0)))

@@ -1,0 +1,134 @@
+"""The edge's semantic tier: near-duplicate questions answered from cache, within their scope.
+
+A lookup embeds the question (through the micro-batcher, off the loop), searches the scope's
+vectors (in a worker thread), and asks the calibrated policy about each neighbour, nearest
+first. A neighbour is served only if its entry is still fresh, in the same tenant and scope,
+and the policy accepts the pair. Vectors of entries that are gone are dropped on the way.
+
+Optional: without ``pip install edgecache[semantic]`` the tier reports why it is unavailable
+and the node runs with its exact tiers only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgecache.config import SemanticConfig
+from edgecache.entry import Entry
+from edgecache.errors import Overloaded
+from edgecache.semantic import SemanticQuery
+
+__all__ = ["SemanticHit", "SemanticTier", "open_semantic_tier"]
+
+log = logging.getLogger("edgecache.node.semantic")
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticHit:
+    entry: Entry
+    score: float
+
+
+class SemanticTier:
+    """Embedder, scoped vector index and hit policy of one edge node."""
+
+    def __init__(self, config: SemanticConfig, batcher: Any, index: Any, policy: Any) -> None:
+        self.config = config
+        self.batcher = batcher
+        self.index = index
+        self.policy = policy
+        self.lookups = 0
+        self.hits = 0
+        self.overloaded = 0
+
+    async def embed(self, text: str) -> Any | None:
+        """The question's vector, or None when the embedder's queue is full."""
+        try:
+            return await self.batcher.embed(text)
+        except Overloaded:
+            self.overloaded += 1
+            return None
+
+    async def lookup(self, query: SemanticQuery, vector: Any, tenant: str,
+                     fetch: Callable[[bytes], Awaitable[Entry | None]]) -> SemanticHit | None:
+        """The nearest stored answer the policy accepts for ``query``, if any."""
+        self.lookups += 1
+        neighbours = await asyncio.to_thread(self.index.search, query.scope, vector, self.config.candidates,
+                                             self.policy.min_cosine)
+        gone: list[bytes] = []
+        hit = None
+        for n in neighbours:
+            entry = await fetch(n.key)
+            if (entry is None or entry.tenant != tenant or entry.semantic_scope != query.scope
+                    or entry.query is None):
+                gone.append(n.key)
+                continue
+            verdict = self.policy.judge(query.text, entry.query, n.score, vector, n.vector)
+            if verdict.hit:
+                hit = SemanticHit(entry, verdict.score)
+                break
+        if gone:
+            await asyncio.to_thread(self.index.remove, gone)
+        if hit is not None:
+            self.hits += 1
+        return hit
+
+    async def remember(self, entry: Entry, vector: Any | None) -> None:
+        """Index a stored answer's question (embedding it now if the lookup did not)."""
+        if entry.semantic_scope is None or entry.query is None:
+            return
+        if vector is None:
+            vector = await self.embed(entry.query)
+            if vector is None:
+                return
+        await asyncio.to_thread(self.index.add, entry.semantic_scope, entry.key, vector)
+
+    async def forget(self, keys: list[bytes]) -> int:
+        return await asyncio.to_thread(self.index.remove, keys) if keys else 0
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "enabled", "vectors": len(self.index), "lookups": self.lookups, "hits": self.hits,
+                "overloaded": self.overloaded, "threshold": self.policy.threshold,
+                "max_false_hit_rate": self.policy.max_false_hit_rate}
+
+    async def save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.save_interval_s)
+            try:
+                await asyncio.to_thread(self.index.save)
+            except Exception:
+                log.exception("saving the vector index failed")
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        await asyncio.to_thread(self.index.close)
+
+
+async def open_semantic_tier(config: SemanticConfig, data_dir: str,
+                             alive: Callable[[bytes], bool]) -> tuple[SemanticTier | None, str]:
+    """Load the model, the policy and the saved vectors; (None, reason) when it cannot."""
+    if not config.enabled:
+        return None, "disabled"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model ships in a package: never download
+    try:
+        from edgecache.semantic_policy import SemanticPolicy
+        from edgecache.stores.embed import Embedder, MicroBatcher
+        from edgecache.stores.vectors import VectorIndex
+    except ImportError as exc:
+        log.warning("semantic tier unavailable (pip install 'edgecache[semantic]'): %s", exc)
+        return None, f"unavailable: {exc.name or exc} is not installed (pip install 'edgecache[semantic]')"
+    policy = SemanticPolicy.load(config.policy_path or None, max_false_hit_rate=config.max_false_hit_rate)
+    embedder = await asyncio.to_thread(Embedder)
+    batcher = MicroBatcher(embedder.encode, window_s=config.batch_window_s, max_batch=config.max_batch,
+                           max_queue=config.max_queue)
+    await batcher.start()
+    index = await asyncio.to_thread(VectorIndex, os.path.join(data_dir, "vectors"))
+    dropped = await asyncio.to_thread(index.reconcile, alive)
+    if dropped:
+        log.info("semantic index: dropped %d vectors whose entries are gone", dropped)
+    return SemanticTier(config, batcher, index, policy), "enabled"
