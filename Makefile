@@ -12,7 +12,9 @@ TOPOLOGY ?= deploy/local.toml
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	# torch first, pinned: the CPU build on this machine's disk (unpinned, pip takes a CUDA build)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,bench,semantic]'
 	touch $(STAMP)
 
 install: $(STAMP)

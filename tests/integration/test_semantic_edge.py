@@ -1,0 +1,115 @@
+"""The semantic tier end to end: paraphrases hit within their scope, nothing else does."""
+
+from __future__ import annotations
+
+import aiohttp
+import orjson
+import pytest
+
+from edgecache.config import SemanticConfig
+from tests.conftest import Stack
+
+pytest.importorskip("sentence_transformers", reason="the semantic extra is not installed")
+pytest.importorskip("faiss", reason="the semantic extra is not installed")
+
+pytestmark = pytest.mark.integration
+
+SEMANTIC = {"semantic": SemanticConfig(enabled=True)}
+
+
+def chat(question: str, **extra: object) -> dict:
+    return {"model": "sim-llm", "temperature": 0, **extra,
+            "messages": [{"role": "system", "content": "You are the support bot of Acme."},
+                         {"role": "user", "content": question}]}
+
+
+async def ask(edge: str, body: dict, key: str = "sk-a", **headers: str) -> tuple[str, str]:
+    async with aiohttp.ClientSession() as s, s.post(edge + "/v1/chat/completions", json=body,
+                                                    headers={"Authorization": f"Bearer {key}", **headers}) as r:
+        assert r.status == 200, await r.text()
+        answer = orjson.loads(await r.read())["choices"][0]["message"]["content"]
+        return r.headers["Cache-Status"], answer
+
+
+@pytest.fixture
+async def edge_stack(make_stack) -> Stack:
+    return await make_stack(node_overrides=SEMANTIC)
+
+
+async def test_paraphrase_is_a_semantic_hit_with_the_stored_answer(edge_stack: Stack) -> None:
+    edge = edge_stack.edges["us-east"]
+    _, first = await ask(edge, chat("How do I reset my password?"))
+    status, second = await ask(edge, chat("How can I reset my password?"))
+    assert 'hit; detail="semantic 0.' in status
+    assert second == first
+    assert await edge_stack.origin_requests() == 1
+    async with aiohttp.ClientSession() as s, s.get(edge + "/healthz") as r:
+        health = await r.json()
+    assert health["semantic"]["status"] == "enabled" and health["semantic"]["hits"] == 1
+
+
+async def test_questions_about_different_accounts_do_not_share_answers(edge_stack: Stack) -> None:
+    edge = edge_stack.edges["us-east"]
+    await ask(edge, chat("What is the balance of account 1234?"))
+    status, _ = await ask(edge, chat("What is the balance of account 5678?"))
+    assert "fwd=miss" in status
+    assert await edge_stack.origin_requests() == 2
+
+
+async def test_unrelated_question_misses(edge_stack: Stack) -> None:
+    edge = edge_stack.edges["us-east"]
+    await ask(edge, chat("How do I reset my password?"))
+    status, _ = await ask(edge, chat("Where can I download my invoices?"))
+    assert "fwd=miss" in status
+
+
+@pytest.mark.parametrize(("second", "key", "headers"), [
+    (chat("How can I reset my password?"), "sk-other-tenant", {}),
+    (chat("How can I reset my password?", model="other-model"), "sk-a", {}),
+    (chat("How can I reset my password?", temperature=0.9), "sk-a", {}),
+    (chat("How can I reset my password?", n=2), "sk-a", {}),
+    (chat("How can I reset my password?", tools=[{"type": "function", "function": {
+        "name": "lookup", "parameters": {"type": "object", "properties": {}}}}]), "sk-a", {}),
+    (chat("How can I reset my password?"), "sk-a", {"X-EdgeCache-Semantic": "off"}),
+])
+async def test_no_semantic_hit_across_scopes_or_when_refused(edge_stack: Stack, second: dict, key: str,
+                                                             headers: dict) -> None:
+    edge = edge_stack.edges["us-east"]
+    await ask(edge, chat("How do I reset my password?"))
+    async with aiohttp.ClientSession() as s, s.post(edge + "/v1/chat/completions", json=second,
+                                                    headers={"Authorization": f"Bearer {key}", **headers}) as r:
+        assert "semantic" not in r.headers["Cache-Status"]
+
+
+async def test_purged_tag_removes_semantic_answers(edge_stack: Stack) -> None:
+    from nodes.app import NODE
+
+    edge = edge_stack.edges["us-east"]
+    await ask(edge, chat("How do I reset my password?"), **{"Cache-Tag": "doc:42"})
+    state = edge_stack.servers["us-east"].app[NODE]
+    assert await state.purge_tags(frozenset({"doc:42"})) == 1
+    assert state.semantic is not None and len(state.semantic.index) == 0
+    status, _ = await ask(edge, chat("How can I reset my password?"))
+    assert "fwd=miss" in status
+
+
+async def test_restarted_edge_keeps_its_semantic_index_consistent_with_disk(make_stack, tmp_path) -> None:
+    from aiohttp.test_utils import TestServer
+
+    from nodes.app import NODE, create_app
+
+    stack = await make_stack(node_overrides=SEMANTIC, data_root=tmp_path)
+    edge = stack.edges["us-east"]
+    _, first = await ask(edge, chat("How do I reset my password?"))
+    await ask(edge, chat("Where can I download my invoices?"), **{"Cache-Tag": "doc:7"})
+    await stack.servers["us-east"].app[NODE].purge_tags(frozenset({"doc:7"}))
+    await stack.servers["us-east"].close()
+    restarted = TestServer(create_app(stack.node_configs["us-east"]), host="127.0.0.1")
+    await restarted.start_server()
+    try:
+        url = str(restarted.make_url("")).rstrip("/")
+        assert len(restarted.app[NODE].semantic.index) == 1
+        status, second = await ask(url, chat("How can I reset my password?"), **{"Cache-Control": "only-if-cached"})
+        assert "semantic" in status and second == first
+    finally:
+        await restarted.close()
