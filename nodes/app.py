@@ -96,6 +96,11 @@ class NodeState:
                 return tenant
         raise Unauthorized("Incorrect API key provided")
 
+    def fill_done(self, fill: Fill) -> None:
+        if self.inflight.get(fill.req.key) is fill:
+            del self.inflight[fill.req.key]
+        self.metrics.fill("stored" if fill.entry else "error" if fill.failure else "not_stored")
+
     def background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self.writes.add(task)
@@ -112,6 +117,8 @@ class NodeState:
         The disk goes first, then memory: a promotion racing the purge cannot bring an
         entry back (it is refused by the memory tier's generation check).
         """
+        if self.writes:   # answers on their way to disk or the index are purged too
+            await asyncio.gather(*list(self.writes), return_exceptions=True)
         keys = set(await asyncio.to_thread(lambda: [k for t in tags for k in self.disk.keys_for_tag(t)]))
         keys.update(k for t in tags for k in self.memory.keys_for_tag(t))
         on_disk = await asyncio.to_thread(self.disk.purge_tags, tags, soft=soft)
@@ -304,10 +311,9 @@ def _start_fill(state: NodeState, path: str, req: _Request, query: SemanticQuery
                     store=not req.cc.no_store, ttl=req.ttl, tenant=req.tenant, tags=req.tags,
                     max_entry_bytes=config.max_entry_bytes,
                     semantic_scope=query.scope if query else None, query=query.text if query else None),
-        state.session, config.origin_timeout_s, storer, prepare=storer.prepare)
+        state.session, config.origin_timeout_s, storer, prepare=storer.prepare, on_done=state.fill_done)
     state.inflight[req.key] = fill
     fill.start()
-    _forget_when_done(state, req.key, fill)
     return fill
 
 
@@ -339,16 +345,6 @@ def _parse(raw: bytes) -> dict[str, Any]:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
-
-
-def _forget_when_done(state: NodeState, key: bytes, fill: Fill) -> None:
-    async def forget() -> None:
-        await fill.done.wait()
-        if state.inflight.get(key) is fill:
-            del state.inflight[key]
-        state.metrics.fill("stored" if fill.entry else "error" if fill.failure else "not_stored")
-
-    state.background(forget())
 
 
 async def _answer_from_fill(request: web.Request, fill: Fill, stream: bool, include_usage: bool,

@@ -57,7 +57,8 @@ class Fill:
 
     def __init__(self, req: FillRequest, session: aiohttp.ClientSession, timeout: float,
                  on_entry: Callable[[Entry], None], clock: Callable[[], float] = time.time,
-                 prepare: Callable[[], Awaitable[None]] | None = None) -> None:
+                 prepare: Callable[[], Awaitable[None]] | None = None,
+                 on_done: Callable[[Fill], None] | None = None) -> None:
         self.req = req
         # (payload as sent, payload without the "usage" key, is the usage-only chunk)
         self.chunks: list[tuple[bytes, bytes, bool]] = []
@@ -72,6 +73,7 @@ class Fill:
         self._on_entry = on_entry
         self._clock = clock
         self._prepare = prepare
+        self._on_done = on_done
         self._progress: asyncio.Future[None] = self.started.get_loop().create_future()
         self._task: asyncio.Task[None] | None = None
 
@@ -140,6 +142,8 @@ class Fill:
                 self.started.exception()   # retrieved: waiters re-raise it themselves
             self.done.set()
             self._wake()
+            if self._on_done is not None:
+                self._on_done(self)
 
     async def _request(self) -> None:
         req = self.req
