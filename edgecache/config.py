@@ -133,6 +133,9 @@ class OriginConfig:
     read_timeout_s: longest silence inside a streamed answer (60).
     retries: further backends tried before the first byte (2).
     max_body_bytes: largest request body accepted (4 MiB).
+    data_dir: folder of the prefix registry (default ``var/origin`` beside the topology file).
+    max_prefix_bytes: largest prefix text accepted (1 MiB).
+    warm_prefixes: prefill a new or changed prefix on the backend(s) it will be routed to (true).
     """
 
     host: str = "127.0.0.1"
@@ -144,6 +147,9 @@ class OriginConfig:
     read_timeout_s: float = 60.0
     retries: int = 2
     max_body_bytes: int = 4 * MiB
+    data_dir: str = ""
+    max_prefix_bytes: int = 1 * MiB
+    warm_prefixes: bool = True
 
     @property
     def base_url(self) -> str:
@@ -303,6 +309,8 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
     if not auth.webhook_secret.startswith("whsec_"):
         raise ConfigError(f"{source}: auth.webhook_secret: expected a 'whsec_…' secret")
     origin = _build(OriginConfig, raw.get("origin", {}), f"{source}: origin")
+    if not origin.data_dir:
+        origin = replace(origin, data_dir=str((base_dir or Path.cwd()) / "var" / "origin"))
     if origin.routing not in ("round_robin",):
         raise ConfigError(f"{source}: origin.routing: expected 'round_robin', got {origin.routing!r}")
     sim = _build(SimConfig, raw.get("sim", {"count": 0}), f"{source}: sim")
