@@ -1,0 +1,178 @@
+"""Cheap guards that veto a semantic hit: the two questions differ in something that matters.
+
+Two questions can be close in embedding space and still want different answers: "balance of
+account 1234" and "balance of account 5678", "why is X allowed" and "why is X not allowed".
+The embedder is weak exactly there, so these checks run on the text before any score is
+trusted. Each guard is a pure function of the two texts' ``Facts`` and names itself in the
+refusal reason the edge reports:
+
+- ``numbers``: the numbers written in digits differ ("1,000" = "1000", "2.50" = "2.5").
+- ``quoted``: a quoted string of one question does not occur in the other.
+- ``negation``: one question is negated and the other is not (not, no, never, n't, without,
+  cannot, nothing, nobody, none, neither, nor: counted, compared by parity).
+- ``identifier``: an email, URL, @handle, #tag, version string or letters-and-digits code
+  (``ORD-1234``, ``v2.3.1``, ``x86_64``) of one question does not occur in the other.
+- ``entity``: a capitalised name not at the start of a sentence, or a fully capitalised
+  acronym, that occurs in one question only (off by default: it costs more true hits than it
+  saves false ones on the labeled pairs; see bench/README.md).
+
+``Facts`` are computed once per text (``facts`` is memoised), so a stored candidate costs
+nothing the second time. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = [
+    "ALL_GUARDS",
+    "DEFAULT_GUARDS",
+    "Facts",
+    "facts",
+    "refusal",
+]
+
+_QUOTED = re.compile(r'"([^"]{1,200})"|\u201c([^\u201d]{1,200})\u201d|\u2018([^\u2019]{1,200})\u2019'
+                     r"|(?<![\w'])'([^']{1,200})'(?!\w)")
+_URL = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+", re.IGNORECASE)
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
+_HANDLE = re.compile(r"(?<![\w@])[@#][A-Za-z_]\w{1,30}")
+_VERSION = re.compile(r"\bv?\d+(?:\.\d+){2,}\b|\bv\d+(?:\.\d+)*\b", re.IGNORECASE)
+_CODE = re.compile(r"\b(?=[\w-]*[A-Za-z])(?=[\w-]*\d)[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)+\b"
+                   r"|\b(?=\w*[A-Za-z])(?=\w*\d)[A-Za-z]+\d+[A-Za-z0-9]*\b")
+_NUMBER = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\w)|\d+(?:\.\d+)?")
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_CAP_WORD = re.compile(r"\b[A-Z][A-Za-z]*[A-Z]?[a-z]*\b")
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\(\s*|\"\s*)$")
+
+NEGATIONS = frozenset({"not", "no", "never", "without", "cannot", "nothing", "nobody", "none",
+                       "neither", "nor", "nowhere"})
+# Words capitalised only because questions start with them or because of style ("I", "What").
+_NOT_ENTITIES = frozenset({
+    "i", "i'm", "i've", "i'd", "i'll", "a", "an", "the", "what", "why", "how", "who", "whom", "whose",
+    "when", "where", "which", "is", "are", "was", "were", "do", "does", "did", "can", "could",
+    "should", "would", "will", "shall", "may", "might", "must", "has", "have", "had", "if", "in",
+    "on", "at", "to", "for", "of", "and", "or", "but", "my", "me", "we", "you", "your", "it",
+    "its", "this", "that", "there", "any", "some", "best", "good", "new", "vs", "am", "be", "quora",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the guards and the verifier read from one question (computed once per text).
+
+    words: lowercased word tokens in order. numbers: normalised numbers written in digits.
+    quoted: casefolded quoted strings. negations: how many negation words. identifiers:
+    casefolded emails, URLs, handles, versions and codes. entities: casefolded capitalised
+    names and acronyms (not counting sentence-initial words). folded: the casefolded text
+    with single spaces.
+    """
+
+    words: tuple[str, ...]
+    numbers: frozenset[str]
+    quoted: frozenset[str]
+    negations: int
+    identifiers: frozenset[str]
+    entities: frozenset[str]
+    folded: str
+
+
+def _number(token: str) -> str:
+    token = token.replace(",", "")
+    if "." in token:
+        token = token.rstrip("0").rstrip(".")
+    return token.lstrip("0") or "0"
+
+
+def _words(folded: str) -> tuple[str, ...]:
+    return tuple(_WORD.findall(folded.replace("\u2019", "'")))
+
+
+def _negations(words: Iterable[str]) -> int:
+    return sum(1 for w in words if w in NEGATIONS or w.endswith("n't"))
+
+
+def _entities(text: str) -> frozenset[str]:
+    found = set()
+    for m in _CAP_WORD.finditer(text):
+        word = m.group()
+        low = word.casefold()
+        if low in _NOT_ENTITIES or len(word) < 2:
+            continue
+        acronym = word.isupper() and len(word) >= 2
+        if not acronym and _SENTENCE_START.search(text, 0, m.start()):
+            continue
+        found.add(low)
+    return frozenset(found)
+
+
+@lru_cache(maxsize=65536)
+def facts(text: str) -> Facts:
+    """The ``Facts`` of one question; memoised, so a cached candidate is parsed once."""
+    text = text.replace('""', '"')       # CSV-escaped quotes, common in exported question logs
+    folded = " ".join(text.casefold().split())
+    quoted = frozenset(" ".join(next(g for g in m.groups() if g is not None).casefold().split())
+                       for m in _QUOTED.finditer(text))
+    identifiers = set(m.group().casefold().rstrip(".,;:!?)") for m in _URL.finditer(text))
+    identifiers |= {m.group().casefold() for m in _EMAIL.finditer(text)}
+    identifiers |= {m.group().casefold() for m in _HANDLE.finditer(text)}
+    rest = _URL.sub(" ", _EMAIL.sub(" ", text))
+    identifiers |= {m.group().casefold() for m in _VERSION.finditer(rest)}
+    identifiers |= {m.group().casefold() for m in _CODE.finditer(rest)}
+    words = _words(folded)
+    return Facts(
+        words=words,
+        numbers=frozenset(_number(m.group()) for m in _NUMBER.finditer(rest)),
+        quoted=frozenset(q for q in quoted if q),
+        negations=_negations(words),
+        identifiers=frozenset(identifiers),
+        entities=_entities(text),
+        folded=folded,
+    )
+
+
+def _numbers(a: Facts, b: Facts) -> bool:
+    return a.numbers != b.numbers
+
+
+def _quoted(a: Facts, b: Facts) -> bool:
+    return any(q not in b.folded for q in a.quoted) or any(q not in a.folded for q in b.quoted)
+
+
+def _negation(a: Facts, b: Facts) -> bool:
+    return (a.negations % 2) != (b.negations % 2)
+
+
+def _identifier(a: Facts, b: Facts) -> bool:
+    return any(i not in b.folded for i in a.identifiers) or any(i not in a.folded for i in b.identifiers)
+
+
+def _entity(a: Facts, b: Facts) -> bool:
+    return bool(a.entities ^ b.entities)
+
+
+ALL_GUARDS: dict[str, Callable[[Facts, Facts], bool]] = {
+    "numbers": _numbers,
+    "quoted": _quoted,
+    "negation": _negation,
+    "identifier": _identifier,
+    "entity": _entity,
+}
+DEFAULT_GUARDS: tuple[str, ...] = ("numbers", "quoted", "negation", "identifier")
+
+
+def refusal(a: str | Facts, b: str | Facts, guards: Iterable[str] = DEFAULT_GUARDS) -> str | None:
+    """The name of the first guard that refuses a hit between two questions, or None.
+
+    ``a`` and ``b`` are texts or their ``facts``; ``guards`` are names from ``ALL_GUARDS``,
+    checked in order.
+    """
+    fa = a if isinstance(a, Facts) else facts(a)
+    fb = b if isinstance(b, Facts) else facts(b)
+    for name in guards:
+        if ALL_GUARDS[name](fa, fb):
+            return name
+    return None
