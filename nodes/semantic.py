@@ -114,21 +114,27 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str,
     """Load the model, the policy and the saved vectors; (None, reason) when it cannot."""
     if not config.enabled:
         return None, "disabled"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model ships in a package: never download
-    try:
-        from edgecache.semantic_policy import SemanticPolicy
-        from edgecache.stores.embed import Embedder, MicroBatcher
-        from edgecache.stores.vectors import VectorIndex
+    try:   # imports read files and the model loads for seconds: all of it off the loop
+        policy, embedder, index, batcher_class = await asyncio.to_thread(_load, config, data_dir, alive)
     except ImportError as exc:
         log.warning("semantic tier unavailable (pip install 'edgecache[semantic]'): %s", exc)
         return None, f"unavailable: {exc.name or exc} is not installed (pip install 'edgecache[semantic]')"
-    policy = SemanticPolicy.load(config.policy_path or None, max_false_hit_rate=config.max_false_hit_rate)
-    embedder = await asyncio.to_thread(Embedder)
-    batcher = MicroBatcher(embedder.encode, window_s=config.batch_window_s, max_batch=config.max_batch,
-                           max_queue=config.max_queue)
+    batcher = batcher_class(embedder.encode, window_s=config.batch_window_s, max_batch=config.max_batch,
+                            max_queue=config.max_queue)
     await batcher.start()
-    index = await asyncio.to_thread(VectorIndex, os.path.join(data_dir, "vectors"))
-    dropped = await asyncio.to_thread(index.reconcile, alive)
+    return SemanticTier(config, batcher, index, policy), "enabled"
+
+
+def _load(config: SemanticConfig, data_dir: str, alive: Callable[[bytes], bool]) -> tuple[Any, Any, Any, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model ships in a package: never download
+    from edgecache.semantic_policy import SemanticPolicy
+    from edgecache.stores.embed import Embedder, MicroBatcher
+    from edgecache.stores.vectors import VectorIndex
+
+    policy = SemanticPolicy.load(config.policy_path or None, max_false_hit_rate=config.max_false_hit_rate)
+    embedder = Embedder()
+    index = VectorIndex(os.path.join(data_dir, "vectors"))
+    dropped = index.reconcile(alive)
     if dropped:
         log.info("semantic index: dropped %d vectors whose entries are gone", dropped)
-    return SemanticTier(config, batcher, index, policy), "enabled"
+    return policy, embedder, index, MicroBatcher

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -13,8 +14,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from edgecache.config import Config
-from edgecache.errors import EdgeCacheError, Unauthorized, UpstreamUnavailable, error_body
+from edgecache.errors import (
+    BadRequest,
+    EdgeCacheError,
+    Unauthorized,
+    UpstreamUnavailable,
+    error_body,
+)
+from edgecache.prefix import expand
+from origin.admin import MAX_PREFIX_BYTES, REGISTRY, add_prefix_routes
 from origin.backends import BackendPool
+from origin.prefixes import PrefixRegistry
 
 __all__ = ["ORIGIN", "OriginState", "create_origin_app"]
 
@@ -39,14 +49,30 @@ ORIGIN = web.AppKey("origin", OriginState)
 CONFIG = web.AppKey("config", Config)
 
 
+def _bearer_is(request: web.Request, token: str) -> bool:
+    given = request.headers.get("Authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def _authorize(request: web.Request) -> None:
+    """Admin routes take the admin token (reads: the node token too); the rest the node token."""
+    if request.path in _PUBLIC:
+        return
+    auth = request.app[CONFIG].auth
+    if request.path.startswith("/v1/prefixes"):
+        if _bearer_is(request, auth.admin_token):
+            return
+        if request.method == "GET" and _bearer_is(request, auth.node_token):
+            return
+        raise Unauthorized("the prefix registry needs the admin token", code="invalid_admin_token")
+    if not _bearer_is(request, auth.node_token):
+        raise Unauthorized("edge nodes must present the node token", code="invalid_node_token")
+
+
 @web.middleware
 async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
-        if request.path not in _PUBLIC:
-            token = request.app[CONFIG].auth.node_token
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                raise Unauthorized("edge nodes must present the node token", code="invalid_node_token")
+        _authorize(request)
         return await handler(request)
     except EdgeCacheError as exc:
         return web.Response(status=exc.status, body=exc.body(), content_type="application/json")
@@ -61,7 +87,18 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
 async def _forward(request: web.Request) -> web.StreamResponse:
     """Pass a completion request to a backend and its answer back, streaming as it comes."""
     state = request.app[ORIGIN]
-    body = await request.read()
+    raw = await request.read()
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise BadRequest("The request body must be a JSON object")
+    body = raw
+    if "prefix" in parsed:   # edges send the reference, never the text
+        version = request.headers.get("X-EdgeCache-Prefix-Version")
+        parsed = expand(parsed, request.app[REGISTRY].current, version=version)
+        body = orjson.dumps(parsed)
     headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
     try:
         backend, upstream = await state.pool.open("POST", request.path, body, headers)
@@ -135,15 +172,22 @@ async def _origin_state(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.origin.connect_timeout_s,
                                     sock_read=config.origin.read_timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        app[ORIGIN] = OriginState(config, session)
-        yield
+    registry = await asyncio.to_thread(PrefixRegistry, config.origin.data_dir or None)
+    app[REGISTRY] = registry
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+            app[ORIGIN] = OriginState(config, session)
+            yield
+    finally:
+        await asyncio.to_thread(registry.close)
 
 
 def create_origin_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.origin.max_body_bytes, middlewares=[_origin_middleware])
     app[CONFIG] = config
+    app[MAX_PREFIX_BYTES] = config.origin.max_prefix_bytes
     app.cleanup_ctx.append(_origin_state)
+    add_prefix_routes(app)
     app.router.add_post("/v1/chat/completions", _forward)
     app.router.add_post("/v1/completions", _forward)
     app.router.add_get("/v1/models", _models)

@@ -1,0 +1,86 @@
+"""The origin's prefix registry API (admin token to change, admin or node token to read).
+
+    POST   /v1/prefixes        {"id", "text", "tags"}  create or update; 201 created, 200 updated
+    GET    /v1/prefixes        every prefix's id, version, tags and size (?text=1 adds the texts)
+    GET    /v1/prefixes/{id}   one prefix with its text
+    DELETE /v1/prefixes/{id}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgecache.errors import BadRequest, NotFound
+from edgecache.prefix import Prefix, make_prefix, validate_prefix_id
+from origin.prefixes import PrefixRegistry
+
+__all__ = ["MAX_PREFIX_BYTES", "REGISTRY", "WARMER", "add_prefix_routes"]
+
+log = logging.getLogger("edgecache.origin")
+
+REGISTRY = web.AppKey("registry", PrefixRegistry)
+MAX_PREFIX_BYTES = web.AppKey("max_prefix_bytes", int)
+WARMER = web.AppKey("warmer", Callable[[Prefix], Awaitable[list[str]]])
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _full(prefix: Prefix) -> dict[str, Any]:
+    return {**prefix.summary(), "text": prefix.text}
+
+
+async def _put(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    prefix = make_prefix(body, max_bytes=request.app[MAX_PREFIX_BYTES], now=time.time())
+    existed = registry.get(prefix.id) is not None
+    changed = await asyncio.to_thread(registry.put, prefix)
+    current = registry.get(prefix.id)
+    assert current is not None
+    warmed: list[str] = []
+    if changed and request.app.get(WARMER) is not None:
+        warmed = await request.app[WARMER](current)
+    return _json({**current.summary(), "changed": changed, "warmed": warmed}, status=200 if existed else 201)
+
+
+async def _list(request: web.Request) -> web.Response:
+    with_text = request.query.get("text") in ("1", "true")
+    prefixes = sorted(request.app[REGISTRY].current.values(), key=lambda p: p.id)
+    return _json({"object": "list", "data": [_full(p) if with_text else p.summary() for p in prefixes]})
+
+
+def _lookup(request: web.Request) -> Prefix:
+    prefix_id = validate_prefix_id(request.match_info["id"])
+    prefix = request.app[REGISTRY].get(prefix_id)
+    if prefix is None:
+        raise NotFound(f"Unknown prefix {prefix_id!r}", code="prefix_not_found")
+    return prefix
+
+
+async def _get(request: web.Request) -> web.Response:
+    return _json(_full(_lookup(request)))
+
+
+async def _delete(request: web.Request) -> web.Response:
+    prefix = _lookup(request)
+    await asyncio.to_thread(request.app[REGISTRY].delete, prefix.id)
+    return _json({"id": prefix.id, "deleted": True})
+
+
+def add_prefix_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/prefixes", _put)
+    app.router.add_get("/v1/prefixes", _list)
+    app.router.add_get("/v1/prefixes/{id}", _get)
+    app.router.add_delete("/v1/prefixes/{id}", _delete)
