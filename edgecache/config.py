@@ -195,6 +195,7 @@ class NodeConfig:
     max_entry_bytes: largest answer that is stored (8 MiB).
     origin_timeout_s: longest wait for the origin's first byte or between stream chunks (120).
     workers: processes serving the port with SO_REUSEPORT (1).
+    prefix_refresh_s: how often the replica of the prefix registry is refreshed (5).
     """
 
     region: str
@@ -209,6 +210,7 @@ class NodeConfig:
     max_entry_bytes: int = 8 * MiB
     origin_timeout_s: float = 120.0
     workers: int = 1
+    prefix_refresh_s: float = 5.0
     origin_url: str = "http://127.0.0.1:8100"
     node_token: str = "dev-node-token"
     tenants: tuple[TenantConfig, ...] = ()

@@ -26,6 +26,7 @@ from edgecache.errors import (
     EdgeCacheError,
     NotCached,
     Unauthorized,
+    UnknownPrefix,
     UpstreamUnavailable,
     error_body,
 )
@@ -40,6 +41,7 @@ from edgecache.policy import (
     parse_cache_control,
     parse_ttl,
 )
+from edgecache.prefix import prefix_reference, prefix_tag
 from edgecache.semantic import SemanticQuery, semantic_query
 from edgecache.stores.disk import DiskTier
 from edgecache.stores.memory import MemoryTier
@@ -48,6 +50,7 @@ from edgecache.tags import parse_cache_tag_header
 from nodes.fill import Fill, FillRequest
 from nodes.memo import Memo
 from nodes.metrics import NodeMetrics
+from nodes.prefixes import PrefixInfo, PrefixReplica
 from nodes.semantic import SemanticTier, open_semantic_tier
 
 __all__ = ["NODE", "NodeState", "create_app"]
@@ -74,6 +77,7 @@ class NodeState:
     tenants: Memo = field(default_factory=lambda: Memo(4096))       # API key -> tenant
     writes: set[asyncio.Task[None]] = field(default_factory=set)
     disk_stats: tuple[int, int] = (0, 0)
+    prefixes: PrefixReplica | None = None
     semantic: SemanticTier | None = None
     semantic_status: str = "disabled"
 
@@ -182,9 +186,16 @@ class _Request:
     key: bytes
     stream: bool
     include_usage: bool
+    prefix: PrefixInfo | None
     cc: CacheControl
     ttl: float
     tags: frozenset[str]
+
+    @property
+    def scope(self) -> Scope:
+        if self.prefix is None:
+            return Scope(self.tenant)
+        return Scope(self.tenant, self.prefix.id, self.prefix.version)
 
     def parsed(self) -> dict[str, Any]:
         if self.body is None:
@@ -199,20 +210,32 @@ async def _read_request(request: web.Request, state: NodeState) -> _Request:
     memo_key = (endpoint, tenant, raw)
     memo = state.memo.get(memo_key)
     body = None
-    if memo is None:
+    if memo is None:   # (the memo is cleared whenever a prefix version changes)
         body = _parse(raw)
-        key = cache_key(endpoint, body, Scope(tenant)).digest    # validates the request's shape
+        prefix = None
+        prefix_id = prefix_reference(body, endpoint) if isinstance(body, dict) else None
+        if prefix_id is not None:
+            prefix = await state.prefixes.lookup(prefix_id)
+            if prefix is None:
+                raise UnknownPrefix(f"Unknown prefix {prefix_id!r}", param="prefix")
+        scope = Scope(tenant) if prefix is None else Scope(tenant, prefix.id, prefix.version)
+        key = cache_key(endpoint, body, scope).digest    # validates the request's shape
         stream = body.get("stream") is True
         options = body.get("stream_options")
         include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-        memo = (key, stream, include_usage)
+        memo = (key, stream, include_usage, prefix)
         state.memo.put(memo_key, memo)
     headers = request.headers
     config = state.config
+    tags = parse_cache_tag_header(headers.get("Cache-Tag", ""))
+    prefix = memo[3]
+    if prefix is not None:
+        tags = tags | prefix.tags | {prefix_tag(prefix.id)}
+        state.metrics.prefix_bytes_saved += prefix.bytes
     return _Request(endpoint, tenant, raw, body, *memo,
                     cc=parse_cache_control(headers.get("Cache-Control")),
                     ttl=parse_ttl(headers.get("X-EdgeCache-TTL"), config.default_ttl_s, config.max_ttl_s),
-                    tags=parse_cache_tag_header(headers.get("Cache-Tag", "")))
+                    tags=tags)
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
@@ -239,7 +262,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     query = vector = None
     if result == "miss" and state.semantic is not None \
             and request.headers.get("X-EdgeCache-Semantic", "").lower() != "off":
-        query = semantic_query(req.endpoint, req.parsed(), Scope(req.tenant),
+        query = semantic_query(req.endpoint, req.parsed(), req.scope,
                                max_chars=state.config.semantic.max_query_chars)
         if query is not None:
             vector = await state.semantic.embed(query.text)
@@ -304,10 +327,15 @@ def _start_fill(state: NodeState, path: str, req: _Request, query: SemanticQuery
                 vector: Any) -> Fill:
     config = state.config
     storer = _Storer(state, vector)
+    headers = {"Authorization": f"Bearer {config.node_token}", "Content-Type": _JSON,
+               "X-EdgeCache-Tenant": req.tenant, "X-EdgeCache-Region": config.region}
+    if req.prefix is not None:
+        headers["X-EdgeCache-Prefix-Version"] = req.prefix.version
     fill = Fill(
         FillRequest(key=req.key, endpoint=req.endpoint, path=path, body=req.parsed(), stream=req.stream,
-                    headers={"Authorization": f"Bearer {config.node_token}", "Content-Type": _JSON,
-                             "X-EdgeCache-Tenant": req.tenant, "X-EdgeCache-Region": config.region},
+                    headers=headers,
+                    prefix_id=req.prefix.id if req.prefix else None,
+                    prefix_version=req.prefix.version if req.prefix else None,
                     store=not req.cc.no_store, ttl=req.ttl, tenant=req.tenant, tags=req.tags,
                     max_entry_bytes=config.max_entry_bytes,
                     semantic_scope=query.scope if query else None, query=query.text if query else None),
@@ -351,6 +379,8 @@ async def _answer_from_fill(request: web.Request, fill: Fill, stream: bool, incl
                             base: str) -> web.StreamResponse:
     reply = await fill.wait_started()
     if reply is not None:   # the origin's error, passed through, never stored
+        if reply.status == 400 and b"prefix_version_mismatch" in reply.body:
+            request.app[NODE].background(request.app[NODE].prefixes.refresh())
         resp = web.Response(status=reply.status, body=reply.body)
         resp.headers["Content-Type"] = reply.content_type
         resp.headers["Cache-Status"] = base
@@ -465,9 +495,11 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     state = NodeState(config=config, memory=MemoryTier(config.memory_bytes), disk=disk, session=session,
                       metrics=metrics, keys=keys)
     app[NODE] = state
+    state.prefixes = PrefixReplica(session, config.node_token, on_change=state.memo.clear)
     state.semantic, state.semantic_status = await open_semantic_tier(
         config.semantic, config.data_dir, lambda key: disk.get(key, time.time()) is not None)
-    tasks = [asyncio.create_task(_sweep(state))]
+    tasks = [asyncio.create_task(_sweep(state)),
+             asyncio.create_task(state.prefixes.follow(config.prefix_refresh_s))]
     if state.semantic is not None:
         tasks.append(asyncio.create_task(state.semantic.save_periodically()))
     try:

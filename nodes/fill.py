@@ -39,6 +39,8 @@ class FillRequest:
     tenant: str
     tags: frozenset[str]
     max_entry_bytes: int
+    prefix_id: str | None = None
+    prefix_version: str | None = None
     semantic_scope: bytes | None = None   # set when the answer may serve paraphrases
     query: str | None = None
 
@@ -211,6 +213,7 @@ class Fill:
         entry = Entry(key=req.key, endpoint=req.endpoint, body=body, chunks=chunks, created=self._clock(),
                       ttl=req.ttl, tenant=req.tenant, tags=req.tags,
                       semantic_scope=req.semantic_scope, query=req.query,
+                      prefix_id=req.prefix_id, prefix_version=req.prefix_version,
                       usage=Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
                                   completion_tokens=int(u.get("completion_tokens") or 0),
                                   cached_tokens=int(details.get("cached_tokens") or 0)))

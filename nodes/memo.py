@@ -32,5 +32,8 @@ class Memo:
             del self._data[next(iter(self._data))]
         self._data[key] = value
 
+    def clear(self) -> None:
+        self._data.clear()
+
     def __len__(self) -> int:
         return len(self._data)

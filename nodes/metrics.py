@@ -37,6 +37,7 @@ class NodeMetrics(Collector):
         self._buckets = {r: [0] * (len(LATENCY_BUCKETS) + 1) for r in RESULTS}
         self._sums = dict.fromkeys(RESULTS, 0.0)
         self._fills = dict.fromkeys(FILL_OUTCOMES, 0)
+        self.prefix_bytes_saved = 0   # prefix text the clients did not send
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -70,6 +71,11 @@ class NodeMetrics(Collector):
         for outcome, count in self._fills.items():
             fills.add_metric([region, outcome], count)
         yield fills
+        saved = CounterMetricFamily("edgecache_prefix_bytes_saved",
+                                    "Bytes of prefix text clients referenced by id instead of sending",
+                                    labels=["region"])
+        saved.add_metric([region], self.prefix_bytes_saved)
+        yield saved
         entries = GaugeMetricFamily("edgecache_tier_entries", "Entries held, by tier", labels=["region", "tier"])
         size = GaugeMetricFamily("edgecache_tier_bytes", "Bytes held, by tier", labels=["region", "tier"])
         for tier in ("memory", "disk"):
