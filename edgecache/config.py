@@ -128,7 +128,8 @@ class OriginConfig:
     """The origin service.
 
     host/port: bind address (127.0.0.1:8100). url: how edges reach it (default from host/port).
-    routing: backend selection policy (``round_robin``).
+    routing: backend selection policy: ``round_robin`` (default), ``least_loaded`` or
+    ``prefix_aware`` (see ``origin/routing.py``).
     connect_timeout_s: to a backend (2.0). first_byte_timeout_s: until response headers (60).
     read_timeout_s: longest silence inside a streamed answer (60).
     retries: further backends tried before the first byte (2).
@@ -136,6 +137,17 @@ class OriginConfig:
     data_dir: folder of the prefix registry (default ``var/origin`` beside the topology file).
     max_prefix_bytes: largest prefix text accepted (1 MiB).
     warm_prefixes: prefill a new or changed prefix on the backend(s) it will be routed to (true).
+    health_interval_s: how often each backend's ``/health`` is checked; 0 never (5).
+    health_timeout_s: a health check or ``/metrics`` read slower than this fails (2).
+    metrics_interval_s: how often each backend's ``/metrics`` is read; 0 never (2).
+    breaker_failures: consecutive failed requests that open a backend's circuit (5).
+    breaker_cooldown_s: seconds an open circuit waits before one probe request (10).
+    prefix_cache_threshold: ``prefix_aware``: a match below this share of the prompt is short
+    and the request goes to the least-loaded backend (0.5).
+    prefix_balance_abs: ``prefix_aware``: the best-matching backend is overloaded when its
+    requests in flight exceed the least-loaded one's by more than this (4) ...
+    prefix_balance_rel: ... and by more than this factor (1.5).
+    prefix_tree_chars: ``prefix_aware``: prompt characters remembered per backend (4000000).
     """
 
     host: str = "127.0.0.1"
@@ -150,6 +162,15 @@ class OriginConfig:
     data_dir: str = ""
     max_prefix_bytes: int = 1 * MiB
     warm_prefixes: bool = True
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 2.0
+    metrics_interval_s: float = 2.0
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 10.0
+    prefix_cache_threshold: float = 0.5
+    prefix_balance_abs: int = 4
+    prefix_balance_rel: float = 1.5
+    prefix_tree_chars: int = 4_000_000
 
     @property
     def base_url(self) -> str:
@@ -313,8 +334,15 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
     origin = _build(OriginConfig, raw.get("origin", {}), f"{source}: origin")
     if not origin.data_dir:
         origin = replace(origin, data_dir=str((base_dir or Path.cwd()) / "var" / "origin"))
-    if origin.routing not in ("round_robin",):
-        raise ConfigError(f"{source}: origin.routing: expected 'round_robin', got {origin.routing!r}")
+    routings = ("round_robin", "least_loaded", "prefix_aware")
+    if origin.routing not in routings:
+        raise ConfigError(f"{source}: origin.routing: expected one of {', '.join(routings)}, "
+                          f"got {origin.routing!r}")
+    if not 0 <= origin.prefix_cache_threshold <= 1 or origin.prefix_balance_rel < 1:
+        raise ConfigError(f"{source}: origin: prefix_cache_threshold must be within 0..1 and "
+                          f"prefix_balance_rel at least 1")
+    if origin.breaker_failures < 1 or origin.prefix_tree_chars < 1:
+        raise ConfigError(f"{source}: origin: breaker_failures and prefix_tree_chars must be >= 1")
     sim = _build(SimConfig, raw.get("sim", {"count": 0}), f"{source}: sim")
     if sim.block_size < 1 or sim.kv_capacity_blocks < 1 or sim.max_running < 1:
         raise ConfigError(f"{source}: sim: block_size, kv_capacity_blocks and max_running must be >= 1")
