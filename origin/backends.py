@@ -1,53 +1,169 @@
 """The inference servers behind the origin, and how a request reaches one of them.
 
-``BackendPool.open`` sends a request to the next backend in turn and returns the response
-as soon as its headers arrive; before that first byte, a connection failure or a 502/503/504
-moves on to the next backend (up to ``retries`` more). After it, nothing is retried: the
-answer is already flowing to the client.
+``BackendPool.open`` asks the routing policy (``origin.routing``) for the available backends
+in order and sends the request to the first; the response is returned as soon as its
+headers arrive. Before that first byte, a connection failure, a timeout or a 502/503/504
+moves on to the next candidate (up to ``retries`` more); a 429 moves on too, without
+counting against the backend. After the first byte nothing is retried: the answer is
+already flowing to the client.
+
+Each backend has:
+
+- a **health check**: a background task GETs ``/health`` every ``health_interval_s``; a
+  failed check marks the backend down and routing skips it until a check succeeds;
+- a **circuit breaker**: ``breaker_failures`` consecutive failed requests open it; after
+  ``breaker_cooldown_s`` one request is let through (half-open) and its outcome closes or
+  re-opens it;
+- **metrics**: a background task reads its ``/metrics`` every ``metrics_interval_s`` (vLLM
+  names; SGLang's are understood too) for running and waiting requests, KV-cache usage and
+  the prefix-cache hit rate it observed since the last read.
+
+When every backend is down or open, all of them are tried anyway, in policy order: a wrong
+health verdict must not turn into an outage.
+
+In-flight accounting: ``open`` counts the request against its backend from the moment it is
+sent; the caller calls ``release(backend)`` once the answer is finished (or uses the
+``request`` context manager, which does both releases).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
 from edgecache.config import BackendConfig, OriginConfig
 from edgecache.errors import UpstreamTimeout, UpstreamUnavailable
+from origin.routing import Decision, PrefixAwareParams, Router, make_router
+from origin.vllm_metrics import BackendMetrics, parse_metrics
 
-__all__ = ["Backend", "BackendPool"]
+__all__ = ["Backend", "BackendPool", "CircuitBreaker"]
 
 log = logging.getLogger("edgecache.origin")
 
-_RETRYABLE = frozenset({502, 503, 504})
+_FAILED = frozenset({502, 503, 504})   # the backend is broken: try another, count a failure
+_BUSY = frozenset({429})                # the backend is full: try another, no failure
 
 
-@dataclass(slots=True)
+class CircuitBreaker:
+    """Closed → open after ``threshold`` consecutive failures → half-open after ``cooldown_s``
+    (one probe at a time) → closed on the probe's success, open again on its failure.
+
+    Pure: every method takes ``now`` (seconds, any monotonic clock).
+    """
+
+    __slots__ = ("_probing", "cooldown_s", "failures", "opened_at", "state", "threshold")
+
+    def __init__(self, threshold: int, cooldown_s: float) -> None:
+        self.threshold = max(threshold, 1)
+        self.cooldown_s = cooldown_s
+        self.state = "closed"
+        self.failures = 0          # consecutive
+        self.opened_at = 0.0
+        self._probing = False
+
+    def available(self, now: float) -> bool:
+        """Whether a request may be sent now (no side effect)."""
+        if self.state == "closed":
+            return True
+        if self.state == "open":
+            return now - self.opened_at >= self.cooldown_s
+        return not self._probing
+
+    def acquire(self, now: float) -> None:
+        """A request is being sent: past the cool-down, it becomes the half-open probe."""
+        if self.state == "open" and now - self.opened_at >= self.cooldown_s:
+            self.state = "half_open"
+        if self.state == "half_open":
+            self._probing = True
+
+    def success(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+        self._probing = False
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        self._probing = False
+        if self.state == "half_open" or (self.state == "closed" and self.failures >= self.threshold):
+            self.state = "open"
+            self.opened_at = now
+
+
+@dataclass(slots=True, eq=False)
 class Backend:
+    """One inference server and what the origin knows about it."""
+
     config: BackendConfig
+    index: int = 0
+    breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(5, 10.0))
+    healthy: bool = True
     in_flight: int = 0
-    failures: int = 0
+    requests: int = 0
+    last_error: str = ""
+    metrics: BackendMetrics | None = None
+    routed: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.config.name or self.config.url
 
+    @property
+    def failures(self) -> int:
+        """Consecutive failed requests."""
+        return self.breaker.failures
+
+    def available(self, now: float) -> bool:
+        return self.healthy and self.breaker.available(now)
+
+    def url(self, path: str) -> str:
+        return self.config.url.rstrip("/") + path
+
 
 class BackendPool:
-    """Round-robin over the configured backends with retries before the first byte."""
+    """The backends, the routing policy over them, their health, breakers and metrics."""
 
     def __init__(self, backends: tuple[BackendConfig, ...], config: OriginConfig,
-                 session: aiohttp.ClientSession) -> None:
+                 session: aiohttp.ClientSession, *, router: Router | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not backends:
             raise ValueError("the origin needs at least one backend")
-        self.backends = [Backend(b) for b in backends]
         self._config = config
         self._session = session
-        self._turn = itertools.cycle(range(len(self.backends)))
+        self._clock = clock
+        self.backends = [Backend(b, i, CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s))
+                         for i, b in enumerate(backends)]
+        params = PrefixAwareParams(cache_threshold=config.prefix_cache_threshold,
+                                   balance_abs_threshold=config.prefix_balance_abs,
+                                   balance_rel_threshold=config.prefix_balance_rel,
+                                   tree_chars=config.prefix_tree_chars)
+        self.router = router or make_router(config.routing, len(backends), params)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._round = asyncio.Event()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def _decide(self, route: str | None) -> Decision:
+        now = self._clock()
+        allowed = [b.index for b in self.backends if b.available(now)] or [b.index for b in self.backends]
+        return self.router.decide(route, [b.in_flight for b in self.backends], allowed)
+
+    def targets(self, route: str, n: int = 1) -> list[Backend]:
+        """The backends the policy would send ``route`` to now, best first (for KV warm-up).
+        Nothing is recorded: ``open_on(..., route=route)`` records the one actually used."""
+        return [self.backends[i] for i in self._decide(route).order[:max(n, 0)]]
+
+    def release(self, backend: Backend) -> None:
+        """The answer of a request ``open`` returned is finished (or abandoned)."""
+        backend.in_flight = max(backend.in_flight - 1, 0)
+
+    # -- sending ---------------------------------------------------------------------------
 
     def _headers(self, backend: Backend, extra: Mapping[str, str]) -> dict[str, str]:
         headers = dict(extra)
@@ -55,32 +171,175 @@ class BackendPool:
             headers["Authorization"] = f"Bearer {backend.config.api_key}"
         return headers
 
-    async def open(self, method: str, path: str, body: bytes | None,
-                   headers: Mapping[str, str]) -> tuple[Backend, aiohttp.ClientResponse]:
-        """The first backend response (headers received) that is not a retryable failure."""
-        attempts = min(len(self.backends), self._config.retries + 1)
+    async def _send(self, backend: Backend, method: str, path: str, body: bytes | None,
+                    headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """One attempt; connection failures and timeouts become our errors and count."""
+        backend.breaker.acquire(self._clock())
+        try:
+            async with asyncio.timeout(self._config.first_byte_timeout_s):
+                return await self._session.request(method, backend.url(path), data=body,
+                                                   headers=self._headers(backend, headers))
+        except TimeoutError:
+            self._failed(backend, "no response headers in time")
+            raise UpstreamTimeout(f"backend {backend.name} sent no response headers in time") from None
+        except aiohttp.ClientError as exc:
+            self._failed(backend, repr(exc))
+            log.warning("backend %s failed before the first byte: %r", backend.name, exc)
+            raise UpstreamUnavailable(f"backend {backend.name} is unreachable") from None
+
+    def _failed(self, backend: Backend, why: str) -> None:
+        backend.breaker.failure(self._clock())
+        backend.last_error = why
+        if backend.breaker.state == "open":
+            log.warning("backend %s: circuit open after %d failures (%s)", backend.name,
+                        backend.breaker.failures, why)
+
+    async def open(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str], *,
+                   route: str | None = None) -> tuple[Backend, aiohttp.ClientResponse]:
+        """The first backend response (headers received) that is not a retryable failure.
+
+        ``route``: the text the policy routes on (the prompt as the backend will see it);
+        None routes anywhere. The caller must ``release(backend)`` when the answer is done.
+        """
+        decision = self._decide(route)
+        attempts = min(len(decision.order), self._config.retries + 1)
         last: Exception | None = None
-        for _ in range(attempts):
-            backend = self.backends[next(self._turn)]
-            url = backend.config.url.rstrip("/") + path
+        for k, i in enumerate(decision.order[:attempts]):
+            backend = self.backends[i]
+            final = k == attempts - 1
+            reason = decision.reason if k == 0 else "failover"
+            self.router.record(route, i)   # before awaiting: a concurrent request follows it
+            backend.in_flight += 1
             try:
-                async with asyncio.timeout(self._config.first_byte_timeout_s):
-                    resp = await self._session.request(method, url, data=body,
-                                                       headers=self._headers(backend, headers))
-            except TimeoutError:
-                backend.failures += 1
-                last = UpstreamTimeout(f"backend {backend.name} sent no response headers in time")
+                resp = await self._send(backend, method, path, body, headers)
+            except (UpstreamTimeout, UpstreamUnavailable) as exc:
+                backend.in_flight -= 1
+                last = exc
                 continue
-            except aiohttp.ClientError as exc:
-                backend.failures += 1
-                log.warning("backend %s failed before the first byte: %r", backend.name, exc)
-                last = UpstreamUnavailable(f"backend {backend.name} is unreachable")
-                continue
-            if resp.status in _RETRYABLE and attempts > 1:
-                backend.failures += 1
+            if resp.status in _FAILED and attempts > 1:
+                self._failed(backend, f"answered {resp.status}")
                 last = UpstreamUnavailable(f"backend {backend.name} answered {resp.status}")
-                resp.release()
-                continue
-            backend.failures = 0
-            return backend, resp
+            elif resp.status in _BUSY and not final:
+                last = UpstreamUnavailable(f"backend {backend.name} answered {resp.status}")
+            else:
+                if resp.status in _FAILED:
+                    self._failed(backend, f"answered {resp.status}")
+                else:
+                    backend.breaker.success()
+                backend.requests += 1
+                backend.routed[reason] = backend.routed.get(reason, 0) + 1
+                return backend, resp
+            backend.in_flight -= 1
+            resp.release()
         raise UpstreamUnavailable(f"every backend failed ({attempts} tried); last: {last}")
+
+    @contextlib.asynccontextmanager
+    async def request(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str], *,
+                      route: str | None = None) -> AsyncIterator[tuple[Backend, aiohttp.ClientResponse]]:
+        """``open`` as a context manager: releases the response and the backend on exit."""
+        backend, resp = await self.open(method, path, body, headers, route=route)
+        try:
+            yield backend, resp
+        finally:
+            resp.release()
+            self.release(backend)
+
+    async def open_on(self, backend: Backend, method: str, path: str, body: bytes | None,
+                      headers: Mapping[str, str], *, route: str | None = None) -> aiohttp.ClientResponse:
+        """Send to this one backend, no failover, not counted in flight (KV warm-up).
+        ``route`` is recorded for the policy, so later requests with that prefix follow."""
+        if route:
+            self.router.record(route, backend.index)
+        resp = await self._send(backend, method, path, body, headers)
+        if resp.status in _FAILED:
+            self._failed(backend, f"answered {resp.status}")
+        else:
+            backend.breaker.success()
+        return resp
+
+    # -- health and metrics ----------------------------------------------------------------
+
+    async def _get(self, backend: Backend, path: str) -> tuple[int, bytes]:
+        timeout = aiohttp.ClientTimeout(total=self._config.health_timeout_s)
+        async with self._session.get(backend.url(path), headers=self._headers(backend, {}),
+                                     timeout=timeout) as resp:
+            return resp.status, await resp.read()
+
+    async def _check(self, backend: Backend) -> None:
+        try:
+            status, _ = await self._get(backend, "/health")
+            why = "" if status == 200 else f"/health answered {status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            why = f"/health failed: {exc!r}"
+        if why:
+            if backend.healthy:
+                log.warning("backend %s is down: %s", backend.name, why)
+            backend.healthy, backend.last_error = False, why
+        elif not backend.healthy:
+            log.info("backend %s is up again", backend.name)
+            backend.healthy = True
+            self.router.forget(backend.index)   # it may have restarted with an empty cache
+
+    async def check_health(self) -> None:
+        """One round of health checks, every backend at once."""
+        await asyncio.gather(*(self._check(b) for b in self.backends))
+
+    async def _scrape(self, backend: Backend) -> None:
+        try:
+            status, raw = await self._get(backend, "/metrics")
+        except (aiohttp.ClientError, TimeoutError):
+            return
+        if status != 200:
+            return
+        current = parse_metrics(raw.decode("utf-8", "replace"), self._clock(), backend.metrics)
+        if current.restarted:
+            self.router.forget(backend.index)
+        backend.metrics = current
+
+    async def scrape_metrics(self) -> None:
+        """One round of ``/metrics`` reads, every backend at once."""
+        await asyncio.gather(*(self._scrape(b) for b in self.backends))
+
+    async def _every(self, interval_s: float, step: Callable[[], Any]) -> None:
+        while True:
+            try:
+                await step()
+            except Exception:   # a bug in one round must not end the loop
+                log.exception("backend polling failed")
+            self._round.set()
+            self._round = asyncio.Event()
+            await asyncio.sleep(interval_s)
+
+    async def next_round(self) -> None:
+        """Wait until the background polling finishes its next round (health or metrics)."""
+        await self._round.wait()
+
+    async def start(self) -> None:
+        """Start polling health and metrics in the background (intervals of 0 turn one off)."""
+        c = self._config
+        if c.health_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._every(c.health_interval_s, self.check_health)))
+        if c.metrics_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._every(c.metrics_interval_s, self.scrape_metrics)))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every backend's state as plain data (for the origin's /health and /metrics)."""
+        now = self._clock()
+        trees = getattr(self.router, "trees", None)
+        out = []
+        for b in self.backends:
+            out.append({
+                "name": b.name, "url": b.config.url, "healthy": b.healthy,
+                "available": b.available(now), "circuit": b.breaker.state,
+                "failures": b.failures, "last_error": b.last_error,
+                "in_flight": b.in_flight, "requests": b.requests, "routed": dict(b.routed),
+                "routing_tree_chars": trees[b.index].size if trees else None,
+                "metrics": b.metrics.as_dict(now) if b.metrics else None,
+            })
+        return out
