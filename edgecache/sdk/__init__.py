@@ -11,11 +11,13 @@ so a client can purge, look up or log exactly the entry its request hits.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from edgecache.keys import SPEC_VERSION, Scope, tenant_id
 from edgecache.keys import cache_key as _edge_cache_key
+from edgecache.prefix import prefix_version, validate_prefix_id
 
-__all__ = ["SPEC_VERSION", "Scope", "cache_key", "tenant_id"]
+__all__ = ["SPEC_VERSION", "Scope", "cache_key", "prefix_version", "prefixed_request", "tenant_id"]
 
 # Keyword arguments of the OpenAI Python client that never reach the request body.
 _CLIENT_ONLY = frozenset({"extra_headers", "extra_query", "extra_body"})
@@ -50,6 +52,8 @@ def cache_key(
     if tenant is None:
         tenant = tenant_id(api_key)
     body = _wire_body(request)
+    if isinstance(body, dict) and prefix_id is None and prefix_version is not None:
+        prefix_id = body.get("prefix")
     if isinstance(body, dict) and body.get("prefix") is not None and prefix_id is None:
         raise ValueError(
             "the request references a prefix; pass prefix_id and prefix_version "
@@ -69,3 +73,18 @@ def _wire_body(request: object) -> object:
     if isinstance(extra, Mapping):
         body.update(extra)
     return body
+
+
+def prefixed_request(prefix_id: str, *, model: str, messages: list[dict[str, Any]],
+                     **params: Any) -> dict[str, Any]:
+    """A chat request that references the registered prefix ``prefix_id`` instead of sending it.
+
+    The edge keys it on the prefix's current version and the origin puts the prefix text
+    first, as a system message. With the OpenAI client, send ``messages`` and pass
+    ``extra_body={"prefix": prefix_id}``; this helper builds the same JSON body::
+
+        body = prefixed_request("returns-policy", model="m", messages=[{"role": "user", "content": "..."}])
+        key = cache_key(body, api_key=KEY, prefix_version=prefix_version(policy_text))
+    """
+    validate_prefix_id(prefix_id, param="prefix")
+    return {"model": model, "messages": list(messages), **params, "prefix": prefix_id}

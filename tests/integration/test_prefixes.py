@@ -1,0 +1,153 @@
+"""Static prefixes end to end: the registry API, references through edge and origin, versions."""
+
+from __future__ import annotations
+
+import io
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from edgecache.config import AuthConfig, BackendConfig, Config, OriginConfig
+from edgecache.sdk import cache_key, prefix_version, prefixed_request
+from nodes.app import NODE
+from origin.app import create_origin_app
+from tests.conftest import NODE_TOKEN, Stack, async_openai
+
+pytestmark = pytest.mark.integration
+
+ADMIN = {"Authorization": "Bearer dev-admin-token"}
+POLICY = "Acme returns policy. " * 200   # about 4 KB of static text
+QUESTION = [{"role": "user", "content": "Can I return a laptop after 20 days?"}]
+
+
+async def call(method: str, url: str, body: object = None, headers: dict | None = None) -> tuple[int, dict]:
+    headers = {**(ADMIN if headers is None else headers), "Content-Type": "application/json"}
+    data = None if body is None else io.BytesIO(orjson.dumps(body))
+    async with aiohttp.ClientSession() as s, s.request(method, url, data=data, headers=headers) as r:
+        return r.status, orjson.loads(await r.read())
+
+
+async def put_prefix(stack: Stack, prefix_id: str, text: str, tags: list[str] | None = None) -> tuple[int, dict]:
+    return await call("POST", stack.origin_url + "/v1/prefixes", {"id": prefix_id, "text": text, "tags": tags or []})
+
+
+async def test_registry_create_update_read_delete(stack: Stack) -> None:
+    url = stack.origin_url + "/v1/prefixes"
+    status, created = await put_prefix(stack, "returns", POLICY, ["doc:42"])
+    assert status == 201 and created["version"] == prefix_version(POLICY) and created["bytes"] == len(POLICY)
+    status, same = await put_prefix(stack, "returns", POLICY, ["doc:42"])
+    assert status == 200 and same["changed"] is False and same["version"] == created["version"]
+    status, updated = await put_prefix(stack, "returns", POLICY + "Updated.", ["doc:42"])
+    assert status == 200 and updated["changed"] is True and updated["version"] != created["version"]
+    status, listing = await call("GET", url)
+    assert status == 200 and [p["id"] for p in listing["data"]] == ["returns"]
+    assert "text" not in listing["data"][0]
+    status, one = await call("GET", url + "/returns")
+    assert status == 200 and one["text"] == POLICY + "Updated." and one["tags"] == ["doc:42"]
+    assert (await call("DELETE", url + "/returns"))[0] == 200
+    status, missing = await call("GET", url + "/returns")
+    assert status == 404 and "returns" in missing["error"]["message"]
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"id": "bad id!", "text": "x"}, "prefix id"),
+    ({"id": "ok", "text": ""}, "text"),
+    ({"id": "ok", "text": "x", "tags": ["bad tag"]}, "tag"),
+    ({"id": "ok", "text": "x", "colour": "blue"}, "colour"),
+    ({"text": "x"}, "prefix id"),
+])
+async def test_registry_rejects_bad_prefixes_with_clear_errors(stack: Stack, body: dict, needle: str) -> None:
+    status, answer = await call("POST", stack.origin_url + "/v1/prefixes", body)
+    assert status == 400 and needle in answer["error"]["message"]
+    assert (await call("GET", stack.origin_url + "/v1/prefixes"))[1]["data"] == []
+
+
+async def test_registry_needs_the_admin_token_to_change(stack: Stack) -> None:
+    url = stack.origin_url + "/v1/prefixes"
+    node = {"Authorization": f"Bearer {NODE_TOKEN}"}
+    assert (await call("POST", url, {"id": "a", "text": "x"}, headers=node))[0] == 401
+    assert (await call("POST", url, {"id": "a", "text": "x"}, headers={}))[0] == 401
+    assert (await call("GET", url, headers=node))[0] == 200
+    assert (await call("GET", url, headers={"Authorization": "Bearer nope"}))[0] == 401
+
+
+async def test_oversized_prefix_is_refused(make_stack) -> None:
+    stack = await make_stack()
+    status, answer = await put_prefix(stack, "big", "x" * (2 * 1024 * 1024))
+    assert status in (400, 413) and "error" in answer
+
+
+async def test_registry_survives_an_origin_restart(tmp_path) -> None:
+    config = Config(origin=OriginConfig(data_dir=str(tmp_path / "origin")),
+                    backends=(BackendConfig(url="http://127.0.0.1:9"),), auth=AuthConfig(node_token=NODE_TOKEN))
+    for attempt in range(2):
+        server = TestServer(create_origin_app(config), host="127.0.0.1")
+        await server.start_server()
+        try:
+            url = str(server.make_url("/v1/prefixes"))
+            if attempt == 0:
+                assert (await call("POST", url, {"id": "kb", "text": POLICY, "tags": ["doc:1"]}))[0] == 201
+            else:
+                status, one = await call("GET", url + "/kb")
+                assert status == 200 and one["text"] == POLICY and one["tags"] == ["doc:1"]
+        finally:
+            await server.close()
+
+
+async def test_prefixed_request_is_expanded_at_the_origin_and_cached_at_the_edge(stack: Stack) -> None:
+    await put_prefix(stack, "returns", POLICY, ["doc:42"])
+    async with await async_openai(stack.edges["us-east"] + "/v1", "sk-shop") as c:
+        first = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=QUESTION,
+                                                                    extra_body={"prefix": "returns"})
+        again = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=QUESTION,
+                                                                    extra_body={"prefix": "returns"})
+        inline = await c.chat.completions.create(model="sim-llm",
+                                                 messages=[{"role": "system", "content": POLICY}, *QUESTION])
+    assert "fwd=miss" in first.headers["Cache-Status"] and "; hit;" in again.headers["Cache-Status"]
+    # The backend saw the policy as the first system message: same answer as sending it inline.
+    assert first.parse().choices[0].message.content == inline.choices[0].message.content
+    assert first.parse().usage.prompt_tokens == inline.usage.prompt_tokens
+    body = prefixed_request("returns", model="sim-llm", messages=QUESTION)
+    key = cache_key(body, api_key="sk-shop", prefix_version=prefix_version(POLICY))
+    assert f'key="{key}"' in first.headers["Cache-Status"]
+    saved = await stack.metric(stack.edges["us-east"], "edgecache_prefix_bytes_saved_total")
+    assert saved == 2 * len(POLICY)
+
+
+async def test_unknown_prefix_is_a_400_naming_it(stack: Stack) -> None:
+    status, answer = await call("POST", stack.edges["us-east"] + "/v1/chat/completions",
+                                {"model": "sim-llm", "messages": QUESTION, "prefix": "nope"},
+                                headers={"Authorization": "Bearer k"})
+    assert status == 400 and "'nope'" in answer["error"]["message"] and answer["error"]["param"] == "prefix"
+    assert await stack.origin_requests() == 0
+
+
+async def test_updated_prefix_never_serves_the_answer_built_on_the_old_text(make_stack) -> None:
+    stack = await make_stack(node_overrides={"prefix_refresh_s": 3600.0})   # only the lazy paths refresh
+    edge = stack.edges["us-east"]
+    request = {"model": "sim-llm", "messages": QUESTION, "prefix": "returns"}
+    auth = {"Authorization": "Bearer k"}
+    await put_prefix(stack, "returns", POLICY)
+    status, old = await call("POST", edge + "/v1/chat/completions", request, auth)
+    assert status == 200
+    await put_prefix(stack, "returns", "A completely different policy.")
+    # The edge's replica still has the old version: the origin refuses to expand under it.
+    status, refused = await call("POST", edge + "/v1/chat/completions", {**request, "temperature": 0}, auth)
+    assert status == 400 and refused["error"]["code"] == "prefix_version_mismatch"
+    state = stack.servers["us-east"].app[NODE]
+    await state.prefixes.refresh()
+    status, new = await call("POST", edge + "/v1/chat/completions", request, auth)
+    assert status == 200 and new["choices"][0]["message"]["content"] != old["choices"][0]["message"]["content"]
+
+
+async def test_entries_built_on_a_prefix_carry_its_tags(stack: Stack) -> None:
+    await put_prefix(stack, "returns", POLICY, ["doc:42"])
+    edge = stack.edges["us-east"]
+    request = {"model": "sim-llm", "messages": QUESTION, "prefix": "returns"}
+    await call("POST", edge + "/v1/chat/completions", request, {"Authorization": "Bearer k"})
+    state = stack.servers["us-east"].app[NODE]
+    assert await state.purge_tags(frozenset({"prefix:returns"})) == 1
+    await call("POST", edge + "/v1/chat/completions", request, {"Authorization": "Bearer k"})
+    assert await state.purge_tags(frozenset({"doc:42"})) == 1
