@@ -21,8 +21,8 @@ from edgecache.errors import (
     UpstreamUnavailable,
     error_body,
 )
-from edgecache.prefix import expand
-from origin.admin import MAX_PREFIX_BYTES, REGISTRY, add_prefix_routes
+from edgecache.prefix import Prefix, expand, route_text
+from origin.admin import MAX_PREFIX_BYTES, REGISTRY, WARMER, add_prefix_routes
 from origin.backends import BackendPool
 from origin.prefixes import PrefixRegistry
 
@@ -101,12 +101,11 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         body = orjson.dumps(parsed)
     headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
     try:
-        backend, upstream = await state.pool.open("POST", request.path, body, headers)
+        backend, upstream = await state.pool.open("POST", request.path, body, headers, route=route_text(parsed))
     except EdgeCacheError:
         state.failures.inc()
         raise
     state.requests.labels(backend.name, str(upstream.status)).inc()
-    backend.in_flight += 1
     prepared = False
     try:
         content_type = upstream.headers.get("Content-Type", "application/json")
@@ -130,36 +129,62 @@ async def _forward(request: web.Request) -> web.StreamResponse:
             raise   # aiohttp drops the connection: the edge sees a stream without [DONE]
         raise UpstreamUnavailable(f"backend {backend.name} failed mid-answer") from None
     finally:
-        backend.in_flight -= 1
         upstream.release()
+        state.pool.release(backend)
 
 
 async def _models(request: web.Request) -> web.Response:
+    """The models of every backend that answers, without duplicates."""
     state = request.app[ORIGIN]
     seen: dict[str, Any] = {}
-    for _ in state.pool.backends:
+    for backend in state.pool.backends:
         try:
-            _, resp = await state.pool.open("GET", "/v1/models", None, {})
-        except EdgeCacheError:
-            break
-        try:
-            data = orjson.loads(await resp.read())
-            for model in data.get("data", []):
-                seen.setdefault(model.get("id"), model)
-        except (ValueError, AttributeError):
-            pass
-        finally:
-            resp.release()
+            resp = await state.pool.open_on(backend, "GET", "/v1/models", None, {})
+            async with resp:
+                for model in orjson.loads(await resp.read()).get("data", []):
+                    seen.setdefault(model.get("id"), model)
+        except (EdgeCacheError, ValueError, AttributeError):
+            continue
     if not seen:
         raise UpstreamUnavailable("no backend answered /v1/models")
-    return web.json_response({"object": "list", "data": list(seen.values())}, dumps=lambda o: orjson.dumps(o).decode())
+    return web.Response(body=orjson.dumps({"object": "list", "data": list(seen.values())}),
+                        content_type="application/json")
 
 
 async def _health(request: web.Request) -> web.Response:
     state = request.app[ORIGIN]
-    return web.json_response({"status": "ok", "backends": [
-        {"name": b.name, "url": b.config.url, "in_flight": b.in_flight, "failures": b.failures}
-        for b in state.pool.backends]})
+    return web.Response(body=orjson.dumps({"status": "ok", "routing": state.config.origin.routing,
+                                           "backends": state.pool.snapshot()}),
+                        content_type="application/json")
+
+
+async def _warm(app: web.Application, prefix: Prefix) -> list[str]:
+    """Prefill a new or changed prefix on the backend its requests will be routed to.
+
+    A one-token completion of the prefix alone: the backend keeps its KV blocks, so the
+    first real request with this prefix finds them cached. Failures are logged, never raised.
+    """
+    pool = app[ORIGIN].pool
+    warmed = []
+    for backend in pool.targets(prefix.text, n=1):
+        try:
+            async with asyncio.timeout(app[CONFIG].origin.first_byte_timeout_s):
+                resp = await pool.open_on(backend, "GET", "/v1/models", None, {})
+                async with resp:
+                    models = orjson.loads(await resp.read()).get("data") or [{}]
+                body = {"model": models[0].get("id", ""), "max_tokens": 1, "temperature": 0,
+                        "messages": [{"role": "system", "content": prefix.text}]}
+                resp = await pool.open_on(backend, "POST", "/v1/chat/completions", orjson.dumps(body),
+                                          {"Content-Type": "application/json"}, route=prefix.text)
+                async with resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        warmed.append(backend.name)
+                    else:
+                        log.warning("warming prefix %s on %s: status %d", prefix.id, backend.name, resp.status)
+        except (EdgeCacheError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("warming prefix %s on %s failed: %r", prefix.id, backend.name, exc)
+    return warmed
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -176,8 +201,12 @@ async def _origin_state(app: web.Application) -> AsyncIterator[None]:
     app[REGISTRY] = registry
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-            app[ORIGIN] = OriginState(config, session)
-            yield
+            state = app[ORIGIN] = OriginState(config, session)
+            await state.pool.start()
+            try:
+                yield
+            finally:
+                await state.pool.close()
     finally:
         await asyncio.to_thread(registry.close)
 
@@ -186,6 +215,8 @@ def create_origin_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.origin.max_body_bytes, middlewares=[_origin_middleware])
     app[CONFIG] = config
     app[MAX_PREFIX_BYTES] = config.origin.max_prefix_bytes
+    if config.origin.warm_prefixes:
+        app[WARMER] = lambda prefix: _warm(app, prefix)
     app.cleanup_ctx.append(_origin_state)
     add_prefix_routes(app)
     app.router.add_post("/v1/chat/completions", _forward)

@@ -87,14 +87,15 @@ async def make_stack(tmp_path: Path) -> StackFactory:
 
     async def factory(*, regions: tuple[str, ...] = ("us-east",), sims: int = 2, sim: SimConfig = FAST_SIM,
                       tenants: tuple[TenantConfig, ...] = (), backends: tuple[str, ...] = (),
-                      node_overrides: dict | None = None, data_root: Path | None = None) -> Stack:
+                      node_overrides: dict | None = None, origin_overrides: dict | None = None,
+                      data_root: Path | None = None) -> Stack:
         stack = Stack(origin_url="", sim_urls=[], edges={})
         for i in range(sims):
             server = await start(create_sim_app(sim))
             stack.sim_urls.append(str(server.make_url("")).rstrip("/"))
             stack.servers[f"sim{i}"] = server
         urls = list(backends) + stack.sim_urls
-        config = Config(origin=OriginConfig(retries=2, first_byte_timeout_s=10),
+        config = Config(origin=OriginConfig(retries=2, first_byte_timeout_s=10, **(origin_overrides or {})),
                         backends=tuple(BackendConfig(url=u) for u in urls),
                         sim=replace(sim, count=0),
                         tenants=tenants)

@@ -151,3 +151,16 @@ async def test_entries_built_on_a_prefix_carry_its_tags(stack: Stack) -> None:
     assert await state.purge_tags(frozenset({"prefix:returns"})) == 1
     await call("POST", edge + "/v1/chat/completions", request, {"Authorization": "Bearer k"})
     assert await state.purge_tags(frozenset({"doc:42"})) == 1
+
+
+async def test_warm_up_prefills_the_prefix_where_its_requests_will_go(make_stack) -> None:
+    stack = await make_stack(sims=3, origin_overrides={"routing": "prefix_aware"})
+    status, created = await put_prefix(stack, "returns", POLICY)
+    assert status == 201 and len(created["warmed"]) == 1
+    async with await async_openai(stack.edges["us-east"] + "/v1", "sk-shop") as c:
+        first = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=QUESTION,
+                                                                    extra_body={"prefix": "returns"})
+    assert "fwd=miss" in first.headers["Cache-Status"]
+    usage = first.parse().usage
+    # The very first user of the prefix finds nearly all of it in the backend's KV cache.
+    assert usage.prompt_tokens_details.cached_tokens >= 0.8 * usage.prompt_tokens
