@@ -54,6 +54,8 @@ FILE_NAME = "vectors.ecv"
 _MAGIC = b"ECVECS01"
 _FLAT, _IVF = 0, 1
 _MAX_NLIST = 2_048
+_REPLAY_LOCKED = 256         # changes made during a retrain that may be replayed under the lock
+_REPLAY_ROUNDS = 8           # rounds of catching up outside the lock before the rest is under it
 _GROWTH = 4                  # retrain IVF lists when a scope has grown this much since training
 log = logging.getLogger(__name__)
 
@@ -236,8 +238,8 @@ class VectorIndex:
                 total += 300 + len(part.scope)
                 if part.ivf is None:
                     total += part.vecs.nbytes + part.ids.nbytes
-                else:   # codes and ids in the lists, the hashtable direct map, the centroids
-                    total += part.n * (4 * self.dim + 8 + 48) + part.ivf.nlist * (4 * self.dim + 32)
+                else:   # codes and ids in growing lists (~1.3x), the hashtable direct map, centroids
+                    total += part.n * ((4 * self.dim + 8) * 13 // 10 + 56) + part.ivf.nlist * (4 * self.dim + 32)
             return total
 
     def reconcile(self, alive: Callable[[bytes], bool]) -> int:
@@ -369,13 +371,21 @@ class VectorIndex:
             except Exception:   # keep serving from the old structure
                 log.exception("retraining the vector lists of a scope with %d entries failed", len(ids))
                 ivf = None
-            with self._wake:
-                changes, part.log = part.log or [], None
-                if ivf is not None:
-                    self._swap_in(part, ivf, changes, len(ids))
-                if part.n == 0 and self._parts.get(part.scope) is part:
-                    del self._parts[part.scope]
-                self._wake.notify_all()
+            trained = len(ids)
+            del ids, vecs
+            for round_ in range(_REPLAY_ROUNDS + 1):   # catch up with the changes made meanwhile
+                with self._wake:
+                    changes, part.log = part.log or [], []
+                    if ivf is None or len(changes) <= _REPLAY_LOCKED or round_ == _REPLAY_ROUNDS:
+                        part.log = None
+                        if ivf is not None:
+                            _replay(ivf, changes, self._np)
+                            self._swap_in(part, ivf, trained)
+                        if part.n == 0 and self._parts.get(part.scope) is part:
+                            del self._parts[part.scope]
+                        self._wake.notify_all()
+                        break
+                _replay(ivf, changes, self._np)
 
     def _train(self, vecs: np.ndarray) -> Any:
         faiss, np = self._faiss, self._np
@@ -390,13 +400,8 @@ class VectorIndex:
         ivf.nprobe = self.nprobe
         return ivf
 
-    def _swap_in(self, part: _Part, ivf: Any, changes: list[tuple[int, Any]], trained: int) -> None:
+    def _swap_in(self, part: _Part, ivf: Any, trained: int) -> None:
         np = self._np
-        for id_, v in changes:     # replay what happened while training, in order
-            if v is None:
-                ivf.remove_ids(np.array([id_], dtype=np.int64))
-            else:
-                ivf.add_with_ids(v.reshape(1, -1), np.array([id_], dtype=np.int64))
         part.ivf, part.trained = ivf, trained
         part.vecs, part.ids = np.empty((0, self.dim), dtype=np.float32), np.empty(0, dtype=np.int64)
         part.n = int(ivf.ntotal)
@@ -546,6 +551,20 @@ class VectorIndex:
                 raise ValueError("inconsistent totals")
         finally:
             buf.release()
+
+
+def _replay(ivf: Any, changes: list[tuple[int, Any]], np: Any) -> None:
+    """Apply logged changes (id, vector) / (id, None: removed) in order, adds in runs."""
+    run: list[tuple[int, Any]] = []
+    for change in [*changes, (None, None)]:
+        if change[1] is not None:
+            run.append(change)
+            continue
+        if run:
+            ivf.add_with_ids(np.stack([v for _, v in run]), np.array([i for i, _ in run], dtype=np.int64))
+            run = []
+        if change[0] is not None:
+            ivf.remove_ids(np.array([change[0]], dtype=np.int64))
 
 
 def _nlist(n: int) -> int:
