@@ -1,0 +1,200 @@
+"""Semantic lookup latency: embed a question and search its scope, under open-loop load.
+
+    python -m bench.semantic_latency [--quick] [--rates 50,200,400] [--modes ...] [--json OUT]
+
+One process, as an edge node runs it: an event loop (uvloop when installed) receiving lookups
+at a fixed mean rate (Poisson arrivals, open loop: a lookup's latency counts from when it was
+due, so a backlog shows), each lookup = embed the question with the real all-MiniLM-L6-v2 on
+the CPU, then ``VectorIndex.search`` in a scope of ``--entries`` vectors (synthetic, IVF) via
+``asyncio.to_thread``, as the edge will. Modes:
+
+- ``to_thread``: no batcher; every lookup calls ``Embedder.encode([text])`` through
+  ``asyncio.to_thread`` (the default executor's threads run the model concurrently);
+- ``serial``: ``MicroBatcher(max_batch=1)``: one text per call, one worker thread;
+- ``batch``: ``MicroBatcher(window_s=0)``: whatever queued while the previous batch ran;
+- ``batch2ms``: ``MicroBatcher(window_s=0.002)``: also waits 2 ms for company when idle.
+
+Every question is distinct (the batcher's de-duplication never helps). torch runs one
+intra-op thread. Lookups refused by a full queue (``Overloaded``) are counted, not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.cpu import cpu_sample, cpu_usage
+from bench.semantic_index import summarize, synthetic
+
+__all__ = ["MODES", "build_parser", "main", "questions", "run_cell"]
+
+MODES = ("to_thread", "serial", "batch", "batch2ms")
+SCOPE = b"bench-semantic-latency"
+
+_ASK = ["How do I", "How can I", "What is the best way to", "Is it possible to", "Why can't I",
+        "Where do I go to", "Can someone explain how to", "What happens if I"]
+_DO = ["reset", "change", "recover", "delete", "update", "export", "share", "lock", "transfer", "verify"]
+_WHAT = ["my password", "my account", "the billing address", "a shared folder", "my API key",
+         "the two-factor settings", "an old invoice", "my email address", "a team workspace",
+         "the subscription plan", "a support ticket", "my profile picture"]
+_WHERE = ["", " on the mobile app", " from the web dashboard", " without losing my data",
+          " after the last update", " for my whole team", " if I forgot my login", " on Linux"]
+
+
+def questions(n: int) -> list[str]:
+    """``n`` distinct support-style questions, 30-90 characters, in a fixed mixed order."""
+    out = [f"{a} {d} {w}{x}?" for x in _WHERE for w in _WHAT for d in _DO for a in _ASK]
+    base = [out[i] for i in sorted(range(len(out)), key=lambda i: (i * 7919) % len(out))]
+    return [base[i % len(base)] + ("" if i < len(base) else f" ({i // len(base)})") for i in range(n)]
+
+
+async def run_cell(mode: str, rate: float, duration_s: float, embedder: Any, index: Any,
+                   texts: list[str], seed: int) -> dict[str, Any]:
+    """Open-loop load at ``rate`` lookups/s for ``duration_s``; latencies from the due time."""
+    import numpy as np
+
+    from edgecache.errors import Overloaded
+    from edgecache.stores.embed import MicroBatcher
+
+    batcher = None
+    if mode != "to_thread":
+        window, max_batch = {"serial": (0.0, 1), "batch": (0.0, 32), "batch2ms": (0.002, 32)}[mode]
+        batcher = MicroBatcher(embedder.encode, window_s=window, max_batch=max_batch, max_queue=1024)
+        await batcher.start()
+
+    async def embed(text: str) -> Any:
+        if batcher is None:
+            return (await asyncio.to_thread(embedder.encode, [text]))[0]
+        return await batcher.embed(text)
+
+    total: list[float] = []
+    embed_s: list[float] = []
+    search_s: list[float] = []
+    rejected = 0
+
+    async def lookup(text: str, due: float) -> None:
+        nonlocal rejected
+        try:
+            vector = await embed(text)
+        except Overloaded:
+            rejected += 1
+            return
+        embedded = time.perf_counter()
+        await asyncio.to_thread(index.search, SCOPE, vector, 4)
+        done = time.perf_counter()
+        total.append(done - due)
+        embed_s.append(embedded - due)
+        search_s.append(done - embedded)
+
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * duration_s * 1.5) + 10))
+    arrivals = arrivals[arrivals < duration_s]
+    tasks = []
+    cpu0 = await asyncio.to_thread(cpu_sample, [])
+    start = time.perf_counter()
+    for i, offset in enumerate(arrivals):
+        due = start + offset
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(lookup(texts[i % len(texts)], due)))
+    _, late = await asyncio.wait(tasks, timeout=60) if tasks else (set(), set())
+    for task in late:
+        task.cancel()
+    wall = time.perf_counter() - start
+    usage = cpu_usage(cpu0, await asyncio.to_thread(cpu_sample, []), wall, len(total))
+    stats = batcher.stats if batcher else None
+    if batcher:
+        await batcher.close()
+    return {"mode": mode, "rate": rate, "offered": len(arrivals), "completed": len(total), "rejected": rejected,
+            "timed_out": len(late), "achieved_per_s": round(len(total) / wall, 1),
+            "latency": summarize(total), "embed": summarize(embed_s), "search": summarize(search_s),
+            "mean_batch": round(stats.mean_batch, 2) if stats else 1.0,
+            "cpu_pct": round(usage.loadgen_pct, 1), "other_pct": round(usage.other_pct, 1)}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    head = (f"{'mode':<10} {'rate/s':>6} {'done/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>9} {'max ms':>9} "
+            f"{'embed p50':>9} {'search p50':>10} {'batch':>6} {'rejected':>8} {'cpu%':>5} {'other%':>6}")
+    lines = [head, "-" * len(head)]
+    for r in report["cells"]:
+        lat = r["latency"]
+        lines.append(f"{r['mode']:<10} {r['rate']:>6g} {r['achieved_per_s']:>7.1f} {lat.get('p50_ms', 0):>8.2f} "
+                     f"{lat.get('p90_ms', 0):>8.2f} {lat.get('p99_ms', 0):>9.2f} {lat.get('max_ms', 0):>9.2f} "
+                     f"{r['embed'].get('p50_ms', 0):>9.2f} {r['search'].get('p50_ms', 0):>10.3f} "
+                     f"{r['mean_batch']:>6.2f} {r['rejected'] + r['timed_out']:>8} {r['cpu_pct']:>5.1f} "
+                     f"{r['other_pct']:>6.1f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.semantic_latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 s per cell instead of 15 s")
+    parser.add_argument("--duration", type=float, help="seconds per cell (overrides --quick)")
+    parser.add_argument("--rates", default="50,200,400", help="lookups per second to offer")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
+    parser.add_argument("--entries", type=int, default=100_000, help="vectors in the searched scope")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.hit_path import machine_facts
+    from edgecache.stores.embed import Embedder
+    from edgecache.stores.vectors import VectorIndex
+
+    embedder = await asyncio.to_thread(Embedder, threads=args.threads)
+    index = VectorIndex(None)
+    data = synthetic(args.entries, seed=11)
+    keys = os.urandom(16 * args.entries)
+    for i in range(args.entries):
+        index.add(SCOPE, keys[16 * i:16 * i + 16], data[i])
+    await asyncio.to_thread(index.wait_idle)
+    texts = questions(20_000)
+    await asyncio.to_thread(embedder.encode, texts[:64])       # warm the model up
+    duration = args.duration or (5.0 if args.quick else 15.0)
+    report: dict[str, Any] = {"machine": machine_facts(), "duration_s": duration, "entries": args.entries,
+                              "torch_threads": args.threads, "loop": type(asyncio.get_running_loop()).__module__,
+                              "cells": []}
+    offset = 0
+    for rate in (float(r) for r in args.rates.split(",")):
+        for mode in args.modes.split(","):
+            cell = await run_cell(mode, rate, duration, embedder, index, texts[offset:] + texts[:offset], seed=offset)
+            offset = (offset + cell["offered"]) % len(texts)
+            report["cells"].append(cell)
+            print(f"{mode} at {rate:g}/s: p50 {cell['latency'].get('p50_ms', 0):.2f} ms, "
+                  f"p99 {cell['latency'].get('p99_ms', 0):.2f} ms", flush=True)
+    index.close()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from edgecache.stores.embed import require_semantic
+
+    require_semantic()
+    try:
+        import uvloop
+    except ImportError:
+        report = asyncio.run(_run(args))
+    else:
+        report = uvloop.run(_run(args))
+    report["command"] = "python -m bench.semantic_latency " + shlex.join(argv if argv is not None else sys.argv[1:])
+    report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
