@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -85,7 +86,8 @@ class Embedder:
     competes with the event loop and measured slower; ``None`` leaves torch's setting). Texts
     are cut to ``max_chars`` characters and then to the model's 256 word pieces. Loading sets
     ``HF_HUB_OFFLINE=1`` (unless already set) and reads local files only.
-    Not thread-safe for concurrent ``encode`` calls; the micro-batcher makes them one at a time.
+    ``encode`` is thread-safe (tokenising is serialised: the fast tokenizer is not), but the
+    micro-batcher's single worker thread is the intended caller.
     """
 
     def __init__(self, path: str | None = None, *, threads: int | None = 1, max_chars: int = MAX_CHARS) -> None:
@@ -100,6 +102,7 @@ class Embedder:
         self.path = path or model_path()
         self.max_chars = max_chars
         self._torch = torch
+        self._tokenizing = threading.Lock()
         self._model = SentenceTransformer(self.path, device="cpu", local_files_only=True)
         self._model.eval()
         self.max_tokens = int(self._model.max_seq_length)
@@ -128,10 +131,12 @@ class Embedder:
                                         show_progress_bar=False, batch_size=max(len(texts), 1))
             return out
         tokenizer = self._model.tokenizer
-        encoded = tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
-        for chunk in _length_chunks([len(ids) for ids in encoded]):
-            out[chunk] = self._forward(tokenizer.pad({"input_ids": [encoded[i] for i in chunk]},
-                                                     return_tensors="pt"))
+        with self._tokenizing:
+            encoded = tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
+            chunks = [(chunk, tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt"))
+                      for chunk in _length_chunks([len(ids) for ids in encoded])]
+        for chunk, features in chunks:
+            out[chunk] = self._forward(features)
         return out
 
     def _forward(self, features: Any) -> np.ndarray:

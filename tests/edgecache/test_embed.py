@@ -237,6 +237,25 @@ def test_batching_does_not_change_a_vector(embedder: Embedder) -> None:
     assert np.allclose(together, alone, atol=1e-5)
 
 
+def test_concurrent_encode_calls_from_threads_are_safe(embedder: Embedder) -> None:
+    texts = [a for pair in PARAPHRASES for a in pair]
+    expected = embedder.encode(texts)
+    results: list = []
+
+    def worker() -> None:
+        for _ in range(3):
+            results.append(embedder.encode(texts))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert len(results) == 12
+    assert all(np.allclose(r, expected, atol=1e-5) for r in results)
+
+
 def test_model_matches_sentence_transformers_encode(embedder: Embedder) -> None:
     texts = ["How do I reset my password?", "word " * 400]
     reference = embedder._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
