@@ -143,9 +143,9 @@ class OriginConfig:
     breaker_failures: consecutive failed requests that open a backend's circuit (5).
     breaker_cooldown_s: seconds an open circuit waits before one probe request (10).
     prefix_cache_threshold: ``prefix_aware``: a match below this share of the prompt is short
-    and the request goes to the least-loaded backend (0.5).
+    and the request goes to the backend with most room among those in balance (0.5).
     prefix_balance_abs: ``prefix_aware``: the best-matching backend is overloaded when its
-    requests in flight exceed the least-loaded one's by more than this (4) ...
+    requests in flight exceed the least-loaded one's by more than this (8) ...
     prefix_balance_rel: ... and by more than this factor (1.5).
     prefix_tree_chars: ``prefix_aware``: prompt characters remembered per backend (4000000).
     """
@@ -168,7 +168,7 @@ class OriginConfig:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
     prefix_cache_threshold: float = 0.5
-    prefix_balance_abs: int = 4
+    prefix_balance_abs: int = 8
     prefix_balance_rel: float = 1.5
     prefix_tree_chars: int = 4_000_000
 

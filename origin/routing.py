@@ -12,8 +12,11 @@ thresholds (measured with ``bench/prefix_routing.py``, see bench/README.md):
    bounded, LRU-evicted ``RadixTree`` per backend of the prompts routed there. The backend
    with the longest match wins; ties go to the lower load.
 2. A *short match* (matched / text length below ``cache_threshold``) means no backend is
-   likely to hold the prompt's prefix: take the least-loaded backend, ties to the one whose
-   tree is smallest (the most room for a new prefix), then in turn.
+   likely to hold the prompt's prefix: among the backends not out of balance with the
+   least-loaded one (within ``balance_abs_threshold`` requests of it), take the one whose
+   tree is smallest (the most room for a new prefix), then the less loaded, then in turn.
+   Spreading new prefixes by room rather than by momentary load keeps the resident prefixes
+   even across backends (in the manner of the SGLang router's older smallest-tree rule).
 3. An *overloaded* winner, whose load exceeds the least-loaded backend's by more than
    ``balance_abs_threshold`` requests *and* more than ``balance_rel_threshold`` times, gives
    way to the least-loaded backend. Unlike the SGLang router, which switches to shortest
@@ -68,14 +71,14 @@ class PrefixAwareParams:
 
     cache_threshold: a match shorter than this share of the routing text is *short* (0.5).
     balance_abs_threshold: the best match is overloaded only when its load exceeds the
-    least-loaded backend's by more than this many requests (4) ...
+    least-loaded backend's by more than this many requests (8) ...
     balance_rel_threshold: ... and more than this many times (1.5).
     tree_chars: characters of routed prompts remembered per backend (4,000,000, about a
     million tokens: at least one backend's KV cache, so the tree forgets after the backend).
     """
 
     cache_threshold: float = 0.5
-    balance_abs_threshold: int = 4
+    balance_abs_threshold: int = 8
     balance_rel_threshold: float = 1.5
     tree_chars: int = 4_000_000
 
@@ -162,7 +165,6 @@ class PrefixAware:
     def decide(self, route: str | None, loads: Sequence[int], allowed: Sequence[int]) -> Decision:
         start = next(self._turn) % len(self.trees)
         trees = self.trees
-        # least loaded first; among equals the smallest tree (most room), then in turn
         by_load = sorted(allowed, key=lambda i: (loads[i], trees[i].size, (i - start) % len(trees)))
         least = by_load[0]
         if not route:
@@ -170,7 +172,9 @@ class PrefixAware:
         matches = {i: trees[i].match(route) for i in allowed}
         best = max(by_load, key=lambda i: matches[i])   # max keeps the first of equals: lower load
         if matches[best] < self.params.cache_threshold * len(route):
-            reason, first = "short_match", least
+            band = loads[least] + self.params.balance_abs_threshold
+            reason = "short_match"
+            first = min((i for i in by_load if loads[i] <= band), key=lambda i: trees[i].size)
         elif best != least and self.overloaded(loads[best], loads[least]):
             reason, first = "imbalance", least
         else:

@@ -77,15 +77,25 @@ def test_relative_threshold_keeps_affinity_when_every_backend_is_busy() -> None:
     assert router.decide(SYSTEM_A + "q1", loads, (0, 1)).order[0] == home
 
 
-def test_a_short_match_goes_to_the_least_loaded_backend() -> None:
+def test_a_short_match_goes_to_the_least_loaded_backend_when_the_others_hold_more() -> None:
     router = PrefixAware(4, PrefixAwareParams(cache_threshold=0.5))
     home = route(router, "Hello! " + SYSTEM_A)
     loads = [2, 2, 2, 2]
-    loads[home] = 1                # the matching backend is the least loaded: it keeps it ...
     other = (home + 1) % 4
-    loads[other] = 0               # ... unless another is less loaded
+    loads[other] = 0
     decision = router.decide("Hello! " + SYSTEM_B, loads, ALL)   # only "Hello! You are the " matches
     assert decision.reason == "short_match" and decision.order[0] == other
+
+
+def test_a_new_prefix_goes_to_the_backend_with_most_room_among_those_in_balance() -> None:
+    router = PrefixAware(4, PrefixAwareParams(balance_abs_threshold=8))
+    for i, text in enumerate(["x" * 300, "y" * 100, "z" * 200]):
+        router.record(text, i)                     # backend 3 holds nothing at all ...
+    loads = [3, 5, 0, 9]                           # ... but is 9 requests above the least loaded
+    decision = router.decide(SYSTEM_A, loads, ALL)
+    assert decision.reason == "short_match" and decision.order[0] == 1   # the least held, in balance
+    loads[3] = 8                                    # within the band: the emptiest wins
+    assert router.decide(SYSTEM_A, loads, ALL).order[0] == 3
 
 
 def test_unavailable_backends_are_never_chosen() -> None:
