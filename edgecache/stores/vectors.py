@@ -2,39 +2,34 @@
 
 A scope is an opaque digest (tenant, model, prefix version, parameters, earlier turns); a
 search never looks outside its scope. Each scope is a partition whose structure follows its
-size, chosen by measurement (bench/semantic_index.py, figures in bench/README.md):
+size, chosen by measurement (``python -m bench.semantic_index --compare``):
 
 - **flat** (exact) below ``promote_at`` entries (8,192): rows in one float32 array, searched
   with ``faiss.knn``; removal swaps the last row into the hole (O(1)). Most scopes are small.
 - **IVF** (``faiss.IndexIVFFlat``, inner product, hashtable direct map) from ``promote_at``
-  entries: k-means lists over the scope's own vectors, ``nprobe`` lists searched; deletion
-  really removes (``remove_ids``), nothing is tombstoned. ``nlist`` = n/64 rounded down to a
-  power of two, 128..2,048; the lists are retrained in a background thread when the scope
-  grows fourfold (until ``nlist`` reaches its cap), and a scope that shrinks below
-  ``promote_at / 4`` returns to flat. While a scope is retrained it keeps serving from its
-  old structure; changes made meanwhile are replayed onto the new one.
+  entries: k-means lists over the scope's own vectors; deletion really removes
+  (``remove_ids``), nothing is tombstoned. ``nlist`` = n/64 rounded down to a power of two,
+  128..2,048, and ``nprobe`` = max(16, nlist/64) lists are searched. The lists are retrained
+  in a background thread when the scope grows fourfold (until ``nlist`` reaches its cap); a
+  scope that shrinks below ``promote_at / 4`` returns to flat. A scope being retrained keeps
+  serving from its old structure; changes made meanwhile are replayed onto the new one, in
+  rounds outside the lock, and the last few under it.
 
 Every method is synchronous and thread-safe (one lock; a search holds it for well under a
 millisecond in a 100k scope): call it from a worker thread, never on the event loop.
 
-Persistence: ``save()`` writes ``<directory>/vectors.ecv`` whole, to a temporary file that is
-fsynced and renamed over the old one, so a crash mid-save leaves the previous file. The file
-ends with an XXH3-64 of its contents; a missing, truncated or corrupt file loads as an empty
-index (logged). Scopes are written one at a time, each under the lock only while copied.
-After a restart, ``reconcile(alive)`` drops vectors whose cache entry did not survive.
-
-File layout (little-endian): ``b"ECVECS01"``, u32 dim; per scope: u16 scope length, scope,
-u8 kind (0 flat, 1 IVF), u64 n, u64 trained size, n 16-byte keys, n int64 ids, then flat: n x
-dim float32 rows, IVF: u64 length and a ``faiss.serialize_index`` blob; then u64 scopes,
-u64 entries, and the XXH3-64 digest of all the bytes before it.
+Persistence (``edgecache.stores.vectorfile``): ``save()`` writes ``<directory>/vectors.ecv``
+whole to a temporary file, fsyncs it and renames it over the old one, so a crash mid-save
+leaves the previous file; a missing, truncated or corrupt file loads as an empty index
+(logged). A save copies one flat scope or one IVF list at a time under the lock. IVF scopes
+are saved with their centroids and lists and load without retraining. After a restart,
+``reconcile(alive)`` drops vectors whose cache entry did not survive.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from edgecache.stores import vectorfile
 from edgecache.stores.embed import require_semantic
 
 if TYPE_CHECKING:
@@ -51,8 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["FILE_NAME", "Neighbour", "VectorIndex"]
 
 FILE_NAME = "vectors.ecv"
-_MAGIC = b"ECVECS01"
-_FLAT, _IVF = 0, 1
 _MAX_NLIST = 2_048
 _REPLAY_LOCKED = 256         # changes made during a retrain that may be replayed under the lock
 _REPLAY_ROUNDS = 8           # rounds of catching up outside the lock before the rest is under it
@@ -94,13 +88,14 @@ class _Part:
 class VectorIndex:
     """Unit vectors by 16-byte cache key, partitioned by scope; see the module docstring.
 
-    ``directory`` holds ``vectors.ecv`` (None: memory only). ``nprobe`` IVF lists are searched
-    per query (16). ``threads`` sets faiss's OpenMP threads for the process (1; None leaves it).
+    ``directory`` holds ``vectors.ecv`` (None: memory only). ``nprobe`` fixes the IVF lists
+    searched per query (default: max(16, nlist/64)). ``threads`` sets faiss's OpenMP threads
+    for the whole process (1; None leaves it).
     Vectors must be unit-norm for scores to be cosines; they are stored as given.
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None, dim: int = 384, *, promote_at: int = 8_192,
-                 nprobe: int = 16, threads: int | None = 1) -> None:
+                 nprobe: int | None = None, threads: int | None = 1) -> None:
         require_semantic("faiss", "numpy")
         import faiss
         import numpy
@@ -122,8 +117,7 @@ class VectorIndex:
         self._worker: threading.Thread | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in self.path.parent.glob(f".{FILE_NAME}.*.tmp"):
-                stale.unlink(missing_ok=True)
+            vectorfile.remove_stale(self.path)
             self._load()
 
     # -- keys and ids -------------------------------------------------------------------
@@ -266,6 +260,9 @@ class VectorIndex:
         if self.path is not None:
             self.save()
 
+    def _nprobe(self, nlist: int) -> int:
+        return self.nprobe or max(16, nlist // 64)
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("VectorIndex is closed")
@@ -321,16 +318,20 @@ class VectorIndex:
         for pos, id_ in enumerate(ids.tolist()):
             self._slots[id_].pos = pos
 
-    def _ivf_contents(self, ivf: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _ivf_list(self, ivf: Any, lst: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of one IVF list's ids and vectors."""
         np, faiss, inv = self._np, self._faiss, ivf.invlists
-        ids, vecs = [np.empty(0, dtype=np.int64)], [np.empty((0, self.dim), dtype=np.float32)]
-        for lst in range(ivf.nlist):
-            size = inv.list_size(lst)
-            if size:
-                ids.append(faiss.rev_swig_ptr(inv.get_ids(lst), size).copy())
-                codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * inv.code_size)
-                vecs.append(codes.view(np.float32).reshape(size, self.dim).copy())
-        return np.concatenate(ids), np.concatenate(vecs)
+        size = inv.list_size(lst)
+        if not size:
+            return np.empty(0, dtype=np.int64), np.empty((0, self.dim), dtype=np.float32)
+        ids = faiss.rev_swig_ptr(inv.get_ids(lst), size).copy()
+        codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * inv.code_size)
+        return ids, codes.view(np.float32).reshape(size, self.dim).copy()
+
+    def _ivf_contents(self, ivf: Any) -> tuple[np.ndarray, np.ndarray]:
+        lists = [self._ivf_list(ivf, lst) for lst in range(ivf.nlist)]
+        return (self._np.concatenate([ids for ids, _ in lists]),
+                self._np.concatenate([vecs for _, vecs in lists]))
 
     def _maybe_retrain(self, part: _Part) -> None:
         if part.log is not None or part.scope in self._pending:
@@ -397,7 +398,7 @@ class VectorIndex:
         sample = np.random.default_rng(len(vecs)).choice(len(vecs), min(len(vecs), 40 * nlist), replace=False)
         ivf.train(vecs[np.sort(sample)])
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        ivf.nprobe = self.nprobe
+        ivf.nprobe = self._nprobe(nlist)
         return ivf
 
     def _swap_in(self, part: _Part, ivf: Any, trained: int) -> None:
@@ -420,89 +421,46 @@ class VectorIndex:
                     return
                 self._dirty = False
                 scopes = list(self._parts)
-            tmp = self.path.parent / f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
             try:
-                self._write(tmp, scopes)
-                os.replace(tmp, self.path)
-                _fsync_dir(self.path.parent)
+                vectorfile.write(self.path, self.dim, (self._snapshot(scope) for scope in scopes))
             except BaseException:
                 self._dirty = True
-                tmp.unlink(missing_ok=True)
                 raise
 
-    def _write(self, tmp: Path, scopes: list[bytes]) -> None:
-        digest = xxhash.xxh3_64()
-        written_scopes = entries = 0
-        with open(tmp, "wb") as f:
-            def put(data: Any) -> None:
-                digest.update(data)
-                f.write(data)
-
-            put(_MAGIC + struct.pack("<I", self.dim))
-            for scope in scopes:
+    def _snapshot(self, scope: bytes) -> vectorfile.Partition | None:
+        """A copy of one scope, taking the lock per IVF list so searches never wait long."""
+        for _ in range(3):
+            with self._lock:
+                part = self._parts.get(scope)
+                if part is None or part.n == 0:
+                    return None
+                if part.ivf is None:
+                    block = vectorfile.Block(0, self._keys_of(part.ids[: part.n]), part.ids[: part.n].copy(),
+                                             part.vecs[: part.n].copy())
+                    return vectorfile.Partition(scope, vectorfile.FLAT, 0, None, [block])
+                ivf = part.ivf
+                centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+            blocks = []
+            for lst in range(ivf.nlist):
                 with self._lock:
-                    snapshot = self._snapshot(scope)
-                if snapshot is None:
-                    continue
-                kind, keys, ids, trained, body = snapshot
-                put(struct.pack("<H", len(scope)) + scope + struct.pack("<BQQ", kind, len(ids), trained))
-                put(keys)
-                put(ids.tobytes())
-                if kind == _IVF:
-                    put(struct.pack("<Q", body.nbytes))
-                put(memoryview(body).cast("B"))
-                written_scopes += 1
-                entries += len(ids)
-            put(struct.pack("<QQ", written_scopes, entries))
-            f.write(struct.pack("<Q", digest.intdigest()))
-            f.flush()
-            os.fsync(f.fileno())
+                    if part.ivf is not ivf or self._parts.get(scope) is not part:
+                        break   # retrained or emptied meanwhile: start this scope again
+                    ids, vecs = self._ivf_list(ivf, lst)
+                    if len(ids):
+                        blocks.append(vectorfile.Block(lst, self._keys_of(ids), ids, vecs))
+            else:
+                return vectorfile.Partition(scope, vectorfile.IVF, part.trained, centroids, blocks)
+        self._dirty = True   # it kept changing under us: leave it to the next save
+        return None
 
-    def _snapshot(self, scope: bytes) -> tuple[int, bytes, np.ndarray, int, np.ndarray] | None:
-        part = self._parts.get(scope)
-        if part is None or part.n == 0:
-            return None
-        if part.ivf is None:
-            ids, body, kind = part.ids[: part.n].copy(), part.vecs[: part.n].copy(), _FLAT
-        else:
-            ids, body, kind = self._ivf_ids(part.ivf), self._faiss.serialize_index(part.ivf), _IVF
-        keys = b"".join(self._slots[i].key for i in ids.tolist())
-        return kind, keys, ids, part.trained, body
-
-    def _adopt(self, part: _Part, keys: bytes, ids: np.ndarray) -> None:
-        """Register a loaded scope; a key already loaded elsewhere (it moved scope while the
-        file was written) keeps its first copy."""
-        seen = [i for i, id_ in enumerate(ids.tolist()) if id_ in self._slots]
-        if seen:
-            if part.ivf is not None:
-                part.ivf.remove_ids(ids[seen])
-                part.n = int(part.ivf.ntotal)
-            keep = self._np.ones(len(ids), dtype=bool)
-            keep[seen] = False
-            keys = b"".join(keys[16 * i: 16 * i + 16] for i in range(len(ids)) if keep[i])
-            ids = ids[keep]
-            if part.ivf is None:
-                part.vecs, part.ids, part.n = part.vecs[keep], ids, len(ids)
-        if part.n == 0:
-            return
-        self._parts[part.scope] = part
-        for i, id_ in enumerate(ids.tolist()):
-            key = keys[16 * i: 16 * i + 16]
-            self._slots[id_] = _Slot(key, part, i)
-            if id_ != int.from_bytes(key[:8], "little", signed=True):
-                self._moved[key] = id_
-
-    def _ivf_ids(self, ivf: Any) -> np.ndarray:
-        np, faiss, inv = self._np, self._faiss, ivf.invlists
-        parts = [faiss.rev_swig_ptr(inv.get_ids(lst), inv.list_size(lst)).copy()
-                 for lst in range(ivf.nlist) if inv.list_size(lst)]
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    def _keys_of(self, ids: np.ndarray) -> bytes:
+        return b"".join([self._slots[i].key for i in ids.tolist()])
 
     def _load(self) -> None:
         assert self.path is not None
         try:
-            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                self._read(memoryview(mm))
+            for part in vectorfile.read(self.path, self.dim):
+                self._adopt(part)
         except FileNotFoundError:
             return
         except Exception as exc:   # corrupt, truncated, another format: start empty
@@ -512,45 +470,46 @@ class VectorIndex:
             self._moved.clear()
         self._dirty = False
 
-    def _read(self, buf: memoryview) -> None:
-        np, faiss, dim = self._np, self._faiss, self.dim
-        try:
-            if len(buf) < len(_MAGIC) + 28 or bytes(buf[:8]) != _MAGIC:
-                raise ValueError("not a vector index file")
-            (stored,) = struct.unpack_from("<Q", buf, len(buf) - 8)
-            if xxhash.xxh3_64_intdigest(buf[:-8]) != stored:
-                raise ValueError("checksum mismatch")
-            if struct.unpack_from("<I", buf, 8)[0] != dim:
-                raise ValueError(f"vectors of another dimension (want {dim})")
-            pos, end, entries = 12, len(buf) - 24, 0
-            while pos < end:
-                (length,) = struct.unpack_from("<H", buf, pos)
-                scope = bytes(buf[pos + 2: pos + 2 + length])
-                kind, n, trained = struct.unpack_from("<BQQ", buf, pos + 2 + length)
-                pos += 2 + length + 17
-                keys = bytes(buf[pos: pos + 16 * n])
-                ids = np.frombuffer(buf, np.int64, n, pos + 16 * n).copy()
-                pos += 24 * n
-                part = _Part(scope, np, dim)
-                if kind == _FLAT:
-                    part.vecs = np.frombuffer(buf, np.float32, n * dim, pos).reshape(n, dim).copy()
-                    part.ids, part.n = ids, n
-                    pos += 4 * n * dim
-                elif kind == _IVF:
-                    (size,) = struct.unpack_from("<Q", buf, pos)
-                    part.ivf = faiss.deserialize_index(np.frombuffer(buf, np.uint8, size, pos + 8).copy())
-                    part.ivf.nprobe, part.n, part.trained = self.nprobe, int(part.ivf.ntotal), trained
-                    pos += 8 + size
-                else:
-                    raise ValueError(f"unknown scope kind {kind}")
-                if part.n != n or pos > end or scope in self._parts:
-                    raise ValueError("inconsistent scope record")
-                entries += n
-                self._adopt(part, keys, ids)
-            if pos != end or struct.unpack_from("<QQ", buf, end) != (len(self._parts), entries):
-                raise ValueError("inconsistent totals")
-        finally:
-            buf.release()
+    def _adopt(self, record: vectorfile.Partition) -> None:
+        """Register a loaded scope. A key already loaded (it moved scope while the file was
+        being written) keeps its first copy."""
+        np, faiss = self._np, self._faiss
+        part = _Part(record.scope, np, self.dim)
+        if record.scope in self._parts:
+            raise ValueError("a scope appears twice")
+        if record.kind == vectorfile.IVF:
+            assert record.centroids is not None
+            nlist = len(record.centroids)
+            quantizer = faiss.IndexFlatIP(self.dim)
+            quantizer.add(record.centroids)
+            part.ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            part.ivf.nprobe = self._nprobe(nlist)
+            part.trained = record.trained
+        kept = []
+        for block in record.blocks:
+            fresh = [i for i, id_ in enumerate(block.ids.tolist()) if id_ not in self._slots]
+            if len(fresh) < len(block.ids):
+                block = vectorfile.Block(block.list_no, b"".join(block.keys[16 * i: 16 * i + 16] for i in fresh),
+                                         block.ids[fresh], block.vectors[fresh])
+            for i, id_ in enumerate(block.ids.tolist()):
+                key = block.keys[16 * i: 16 * i + 16]
+                self._slots[id_] = _Slot(key, part, part.n + i)
+                if id_ != int.from_bytes(key[:8], "little", signed=True):
+                    self._moved[key] = id_
+            part.n += len(block.ids)
+            if part.ivf is not None and len(block.ids):
+                codes = np.ascontiguousarray(block.vectors, dtype=np.float32).view(np.uint8)
+                part.ivf.invlists.add_entries(block.list_no, len(block.ids), faiss.swig_ptr(block.ids),
+                                              faiss.swig_ptr(codes))
+            kept.append(block)
+        if part.ivf is None:
+            part.ids = np.concatenate([b.ids for b in kept]) if kept else part.ids
+            part.vecs = np.concatenate([b.vectors for b in kept]) if kept else part.vecs
+        else:
+            part.ivf.ntotal = part.n
+            part.ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        if part.n:
+            self._parts[part.scope] = part
 
 
 def _replay(ivf: Any, changes: list[tuple[int, Any]], np: Any) -> None:
@@ -570,11 +529,3 @@ def _replay(ivf: Any, changes: list[tuple[int, Any]], np: Any) -> None:
 def _nlist(n: int) -> int:
     """IVF lists for ``n`` vectors: n/64 rounded down to a power of two, within 128..2048."""
     return max(128, min(_MAX_NLIST, 1 << max(0, (n // 64).bit_length() - 1)))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -250,6 +250,56 @@ def test_interrupted_save_leaves_the_previous_file(tmp_path: Path) -> None:
     reopened.close()
 
 
+def test_key_written_twice_by_a_save_racing_a_scope_move_loads_once(tmp_path: Path) -> None:
+    from edgecache.stores import vectorfile
+
+    k = key(1)
+    natural = np.array([int.from_bytes(k[:8], "little", signed=True)], dtype=np.int64)
+    flat = vectorfile.Block(0, k, natural, unit(1)[None])
+    vectorfile.write(tmp_path / FILE_NAME, DIM, [
+        vectorfile.Partition(TENANT_A, vectorfile.FLAT, 0, None, [flat]),
+        vectorfile.Partition(TENANT_B, vectorfile.FLAT, 0, None,
+                             [vectorfile.Block(0, k + key(2), np.concatenate([natural, natural + 1]),
+                                               np.stack([unit(1), unit(2)]))]),
+    ])
+
+    index = VectorIndex(tmp_path)
+
+    assert len(index) == 2
+    assert index.scope_of(k) == TENANT_A
+    assert [n.key for n in index.search(TENANT_B, unit(1), k=4, min_score=-1)] == [key(2)]
+    index.close()
+
+
+def test_saves_while_writers_run_load_back_consistent(tmp_path: Path) -> None:
+    index = VectorIndex(tmp_path, promote_at=256)
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            index.add(TENANT_A if i % 2 else TENANT_B, key(i % 3000), unit(i % 3000))
+            if i % 5 == 0:
+                index.remove([key((i * 7) % 3000)])
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(5):
+            index.save()
+            loaded = VectorIndex(tmp_path)
+            for k in loaded.keys()[:50]:
+                scope = loaded.scope_of(k)
+                assert scope in (TENANT_A, TENANT_B)
+            assert len(loaded) == len(set(loaded.keys()))
+            loaded.close()
+    finally:
+        stop.set()
+        thread.join(30)
+        index.close()
+
+
 def test_reconcile_drops_vectors_whose_entry_is_gone(tmp_path: Path) -> None:
     index = VectorIndex(tmp_path)
     for i in range(10):
