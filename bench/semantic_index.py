@@ -7,7 +7,7 @@ entries each (the common case: tenant x model x prefix x parameters x earlier tu
 measures ``edgecache.stores.vectors.VectorIndex`` as the edge uses it (one call per entry,
 faiss on one thread): add rate, memory per entry (RSS growth and the index's own estimate),
 search latency and recall@1 of near-duplicate queries, single-key removal, save and load
-time and file size. ``--compare`` also runs the candidate structures on the same data in
+time and file size, and search latency in another thread while a save runs. ``--compare`` also runs the candidate structures on the same data in
 one 100k scope (exact flat, IVF, HNSW) — the measurements behind the index's design.
 
 Vectors are synthetic (no model): unit vectors around random topic centres (cosine ~0.64
@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,26 @@ def run_size(n: int, layout: str, data: Any, queries: int, directory: Path) -> d
         removes.append(time.perf_counter() - s)
     still = sum(any(nb.key == keys[j] for nb in index.search(scopes[j], data[j], k=4)) for j in gone[:100])
 
+    during: list[float] = []
+    saving = threading.Event()
+
+    def search_while_saving(index: VectorIndex = index) -> None:   # what a save costs lookups
+        t = 0
+        while not saving.is_set():
+            p = picks[t % len(picks)]
+            s = time.perf_counter()
+            index.search(scopes[p], q[t % len(picks)], k=4)
+            during.append(time.perf_counter() - s)
+            t += 1
+            time.sleep(0.002)   # a lookup rate (~400/s), not a tight loop fighting for the GIL
+
+    searcher = threading.Thread(target=search_while_saving)
     s = time.perf_counter()
+    searcher.start()
     index.save()
     save_s = time.perf_counter() - s
+    saving.set()
+    searcher.join()
     size = index.path.stat().st_size
     estimate = index.memory_bytes()
     index.close()
@@ -159,7 +177,7 @@ def run_size(n: int, layout: str, data: Any, queries: int, directory: Path) -> d
             "memory_bytes_per_entry_rss": round(rss / n), "memory_bytes_per_entry_estimate": round(estimate / n),
             "search": summarize(times), "recall_at_1": round(hits / len(picks), 4),
             "remove": summarize(removes), "removed_still_found": int(still),
-            "save_s": round(save_s, 3), "load_s": round(load_s, 3), "file_bytes": size,
+            "search_during_save": summarize(during), "save_s": round(save_s, 3), "load_s": round(load_s, 3), "file_bytes": size,
             "file_bytes_per_entry": round(size / max(1, n - len(gone))), "loaded_ok": loaded_ok}
 
 
@@ -218,14 +236,15 @@ def run_compare(data: Any, queries: int, kind: str, a: int, b: int) -> dict[str,
 def format_tables(report: dict[str, Any]) -> str:
     head = (f"{'entries':>9} {'layout':<12} {'scopes':>7} {'adds/s':>8} {'B/entry':>8} {'est B/e':>8} "
             f"{'srch p50':>9} {'p99 ms':>7} {'recall':>6} {'rm p50':>7} {'rm p99':>7} {'save s':>7} "
-            f"{'load s':>7} {'file MB':>8}")
+            f"{'load s':>7} {'file MB':>8} {'srch p99 in save':>16}")
     lines = [head, "-" * len(head)]
     for r in report["runs"]:
         lines.append(f"{r['entries']:>9,} {r['layout']:<12} {r['scopes']:>7,} {r['add_per_s']:>8,} "
                      f"{r['memory_bytes_per_entry_rss']:>8,} {r['memory_bytes_per_entry_estimate']:>8,} "
                      f"{r['search']['p50_ms']:>9.3f} {r['search']['p99_ms']:>7.3f} {r['recall_at_1']:>6.3f} "
                      f"{r['remove']['p50_ms']:>7.3f} {r['remove']['p99_ms']:>7.3f} {r['save_s']:>7.2f} "
-                     f"{r['load_s']:>7.2f} {r['file_bytes'] / 1e6:>8.1f}")
+                     f"{r['load_s']:>7.2f} {r['file_bytes'] / 1e6:>8.1f} "
+                     f"{r['search_during_save'].get('p99_ms', 0):>16.3f}")
     if report.get("compare"):
         head = f"{'structure':<38} {'build s':>8} {'adds/s':>9} {'B/entry':>8} {'p50 ms':>7} {'p99 ms':>7} {'recall':>6}  deletion"
         lines += ["", head, "-" * len(head)]
