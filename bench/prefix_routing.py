@@ -348,8 +348,9 @@ async def run_workload(w: Workload, urls: Sequence[str], sim_pid: int, policies:
     return out
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    report: dict[str, Any] = {"workloads": {}, "machine": machine_facts(), "command": " ".join(sys.argv),
+def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
+    command = "python -m bench.prefix_routing " + " ".join(argv)
+    report: dict[str, Any] = {"workloads": {}, "machine": machine_facts(), "command": command.strip(),
                               "time_scale": args.time_scale, "concurrency": args.concurrency,
                               "max_running": args.max_running, "backends": BACKENDS,
                               "routing_params": asdict(PrefixAwareParams()), "goal": GOALS}
@@ -377,7 +378,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 SWEEP = [{"cache_threshold": t} for t in (0.2, 0.8)] + \
-        [{"balance_abs_threshold": a} for a in (2, 8, 16, 64)] + \
+        [{"balance_abs_threshold": a} for a in (2, 4, 16, 64)] + \
         [{"balance_rel_threshold": r} for r in (1.0, 3.0)] + \
         [{"tree_chars": c} for c in (50_000,)]
 
@@ -465,11 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.serve_sims:
         serve_sims(SimConfig(**json.loads(args.serve_sims)), [int(p) for p in args.ports.split(",")])
         return 0
-    report = run_benchmark(args)
+    report = run_benchmark(args, argv)
     print(format_table(report))
     if any("policies" in e for e in report["workloads"].values()) and args.chart:
         write_chart(report, Path(args.chart))
