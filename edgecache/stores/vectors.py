@@ -10,7 +10,7 @@ size, chosen by measurement (``python -m bench.semantic_index --compare``):
   entries: k-means lists over the scope's own vectors; deletion really removes
   (``remove_ids``), nothing is tombstoned. ``nlist`` = n/64 rounded down to a power of two,
   128..2,048, and ``nprobe`` = max(16, nlist/64) lists are searched. The lists are retrained
-  in a background thread when the scope grows fourfold (until ``nlist`` reaches its cap); a
+  in a background thread when the scope doubles (until ``nlist`` reaches its cap); a
   scope that shrinks below ``promote_at / 4`` returns to flat. A scope being retrained keeps
   serving from its old structure; changes made meanwhile are replayed onto the new one, in
   rounds outside the lock, and the last few under it.
@@ -50,7 +50,7 @@ FILE_NAME = "vectors.ecv"
 _MAX_NLIST = 2_048
 _REPLAY_LOCKED = 256         # changes made during a retrain that may be replayed under the lock
 _REPLAY_ROUNDS = 8           # rounds of catching up outside the lock before the rest is under it
-_GROWTH = 4                  # retrain IVF lists when a scope has grown this much since training
+_GROWTH = 2                  # retrain IVF lists when a scope has doubled since training
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +90,7 @@ class VectorIndex:
 
     ``directory`` holds ``vectors.ecv`` (None: memory only). ``nprobe`` fixes the IVF lists
     searched per query (default: max(16, nlist/64)). ``threads`` sets faiss's OpenMP threads
-    for the whole process (1; None leaves it).
+    of every thread that calls it (1; None leaves OpenMP's default, all cores).
     Vectors must be unit-norm for scores to be cosines; they are stored as given.
     """
 
@@ -100,9 +100,9 @@ class VectorIndex:
         import faiss
         import numpy
 
-        if threads is not None:
-            faiss.omp_set_num_threads(threads)
         self._faiss, self._np = faiss, numpy
+        self.threads = threads
+        self._pin()
         self.dim, self.promote_at, self.nprobe = dim, promote_at, nprobe
         self.path = None if directory is None else Path(directory) / FILE_NAME
         self._lock = threading.Lock()
@@ -156,6 +156,7 @@ class VectorIndex:
         if not 0 < len(scope) < 65_536:
             raise ValueError("a scope is 1..65535 bytes")
         v = self._vector(vector)
+        self._pin()
         with self._lock:
             self._check_open()
             old = self._id_of(key)
@@ -174,6 +175,7 @@ class VectorIndex:
 
     def remove(self, keys: Iterable[bytes]) -> int:
         """Remove the vectors of ``keys``; returns how many were stored."""
+        self._pin()
         with self._lock:
             self._check_open()
             removed = 0
@@ -188,6 +190,7 @@ class VectorIndex:
     def search(self, scope: bytes, vector: np.ndarray, k: int = 4, min_score: float = 0.0) -> list[Neighbour]:
         """Up to ``k`` entries of ``scope`` nearest ``vector`` with score >= ``min_score``, best first."""
         q = self._vector(vector).reshape(1, -1)
+        self._pin()
         with self._lock:
             self._check_open()
             part = self._parts.get(scope)
@@ -259,6 +262,12 @@ class VectorIndex:
             self._worker.join()
         if self.path is not None:
             self.save()
+
+    def _pin(self) -> None:
+        """Set faiss's OpenMP threads for the calling thread: OpenMP keeps the setting per
+        thread, and every ``asyncio.to_thread`` worker would otherwise use all cores."""
+        if self.threads is not None:
+            self._faiss.omp_set_num_threads(self.threads)
 
     def _nprobe(self, nlist: int) -> int:
         return self.nprobe or max(16, nlist // 64)
@@ -351,6 +360,7 @@ class VectorIndex:
     # -- retraining (the worker thread) -----------------------------------------------------
 
     def _retrain_loop(self) -> None:
+        self._pin()
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._pending or self._closed)
@@ -382,6 +392,7 @@ class VectorIndex:
                         if ivf is not None:
                             _replay(ivf, changes, self._np)
                             self._swap_in(part, ivf, trained)
+                            self._maybe_retrain(part)    # it may have doubled meanwhile
                         if part.n == 0 and self._parts.get(part.scope) is part:
                             del self._parts[part.scope]
                         self._wake.notify_all()
@@ -421,6 +432,7 @@ class VectorIndex:
                     return
                 self._dirty = False
                 scopes = list(self._parts)
+            self._pin()
             try:
                 vectorfile.write(self.path, self.dim, (self._snapshot(scope) for scope in scopes))
             except BaseException:
