@@ -144,4 +144,17 @@ def test_sdk_re_exports_the_scope_names() -> None:
     assert sdk.tenant_id is keys.tenant_id
     assert sdk.Scope is keys.Scope
     assert sdk.SPEC_VERSION == keys.SPEC_VERSION == 1
-    assert sdk.__all__ == ["SPEC_VERSION", "Scope", "cache_key", "tenant_id"]
+    assert sdk.__all__ == ["SPEC_VERSION", "Scope", "cache_key", "prefix_version", "prefixed_request", "tenant_id"]
+
+
+def test_prefixed_request_keys_like_the_edge() -> None:
+    from edgecache.prefix import prefix_version
+
+    body = sdk.prefixed_request("returns", model="m", messages=[{"role": "user", "content": "hi"}], temperature=0)
+    assert body == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+                    "prefix": "returns"}
+    scope = keys.Scope(keys.tenant_id("k"), "returns", prefix_version("policy"))
+    assert sdk.cache_key(body, api_key="k", prefix_version=sdk.prefix_version("policy")) == \
+        keys.cache_key("chat", body, scope).hex
+    with pytest.raises(BadRequest):
+        sdk.prefixed_request("bad id!", model="m", messages=[])
