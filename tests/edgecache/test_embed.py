@@ -264,6 +264,23 @@ def test_model_matches_sentence_transformers_encode(embedder: Embedder) -> None:
     assert np.allclose(embedder.encode(texts), reference, atol=1e-5)
 
 
+def test_bfloat16_model_keeps_cosines_within_a_hair_of_float32(embedder: Embedder) -> None:
+    texts = [t for pair in PARAPHRASES + UNRELATED for t in pair]
+    fast = Embedder(dtype="bfloat16")
+
+    full, half = embedder.encode(texts), fast.encode(texts)
+
+    assert half.dtype == np.float32
+    assert np.allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
+    pairs = [(2 * i, 2 * i + 1) for i in range(len(texts) // 2)]
+    assert max(abs(float(full[a] @ full[b]) - float(half[a] @ half[b])) for a, b in pairs) < 0.01
+
+
+def test_unknown_dtype_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Embedder(dtype="int8")
+
+
 async def test_real_model_behind_the_batcher_answers_each_caller(embedder: Embedder, batcher_factory) -> None:
     batcher = await batcher_factory(embedder.encode, window_s=0.002, max_batch=16)
     texts = [a for pair in PARAPHRASES for a in pair] * 3
