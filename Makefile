@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP) bench-tools
 	mkdir -p bench/out
 	$(PY) -m bench.hit_path --quick --json bench/out/hit_path.json
+	$(PY) -m bench.prefix_routing --quick --json bench/out/prefix_routing.json
 
 # wrk (Debian package) measures the hit path; without it the benchmarks fall back to an
 # aiohttp load generator and say so. Best effort: needs root and Debian's apt.

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from edgecache.config import Config
 from edgecache.errors import (
@@ -43,6 +45,38 @@ class OriginState:
                                 ["backend", "status"], registry=self.registry)
         self.failures = Counter("edgecache_origin_failures", "Requests no backend could take",
                                 registry=self.registry)
+        self.registry.register(_BackendCollector(self.pool))
+
+
+class _BackendCollector(Collector):
+    """Every backend's state from the pool's snapshot, read at scrape time."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.pool.snapshot()
+        gauges = {
+            "healthy": GaugeMetricFamily("edgecache_origin_backend_healthy", "1 when the backend is usable",
+                                         labels=["backend"]),
+            "in_flight": GaugeMetricFamily("edgecache_origin_backend_in_flight", "Requests being answered",
+                                           labels=["backend"]),
+            "hit_rate": GaugeMetricFamily("edgecache_origin_backend_prefix_hit_rate",
+                                          "Prefix-cache hit rate the backend reports (vllm: metrics)",
+                                          labels=["backend"]),
+        }
+        routed = CounterMetricFamily("edgecache_origin_routed", "Requests sent to a backend, by routing reason",
+                                     labels=["backend", "reason"])
+        for b in snapshot:
+            gauges["healthy"].add_metric([b["name"]], 1.0 if b["available"] else 0.0)
+            gauges["in_flight"].add_metric([b["name"]], b["in_flight"])
+            rate = (b["metrics"] or {}).get("prefix_hit_rate")
+            if rate is not None:
+                gauges["hit_rate"].add_metric([b["name"]], rate)
+            for reason, count in b["routed"].items():
+                routed.add_metric([b["name"], reason], count)
+        yield from gauges.values()
+        yield routed
 
 
 ORIGIN = web.AppKey("origin", OriginState)

@@ -262,3 +262,14 @@ async def test_bad_headers_are_refused_on_hits_too(stack: Stack) -> None:
         assert status == 400 and b"invalid_request_error" in body
     _, headers, _ = await post(edge)
     assert "; hit;" in headers["Cache-Status"]
+
+
+async def test_origin_reports_every_backend(stack: Stack) -> None:
+    await post(stack.edges["us-east"])
+    async with aiohttp.ClientSession() as s, s.get(stack.origin_url + "/health") as resp:
+        health = await resp.json()
+    assert [b["url"] for b in health["backends"]] == stack.sim_urls
+    assert all(b["healthy"] and b["in_flight"] == 0 for b in health["backends"])
+    assert sum(b["requests"] for b in health["backends"]) == 1
+    assert await stack.metric(stack.origin_url, "edgecache_origin_backend_healthy") == len(stack.sim_urls)
+    assert await stack.metric(stack.origin_url, "edgecache_origin_routed_total") == 1
