@@ -12,8 +12,10 @@ refusal reason the edge reports:
   cannot, nothing, nobody, none, neither, nor: counted, compared by parity).
 - ``identifier``: an email, URL, @handle, #tag, version string or letters-and-digits code
   (``ORD-1234``, ``v2.3.1``, ``x86_64``) of one question does not occur in the other.
+- ``opposite``: a word of one question only and a word of the other only are opposites
+  (positive/negative, best/worst, buy/sell, before/after, upload/download…).
 - ``entity``: a capitalised name not at the start of a sentence, or a fully capitalised
-  acronym, that occurs in one question only (off by default: it costs more true hits than it
+  acronym, of one question that does not occur (in any case) in the other (off by default: it costs more true hits than it
   saves false ones on the labeled pairs; see bench/README.md).
 
 ``Facts`` are computed once per text (``facts`` is memoised), so a stored candidate costs
@@ -30,7 +32,9 @@ from functools import lru_cache
 __all__ = [
     "ALL_GUARDS",
     "DEFAULT_GUARDS",
+    "OPPOSITES",
     "Facts",
+    "entity_mismatches",
     "facts",
     "refusal",
 ]
@@ -41,12 +45,12 @@ _URL = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+", re.IGNORECASE)
 _EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
 _HANDLE = re.compile(r"(?<![\w@])[@#][A-Za-z_]\w{1,30}")
 _VERSION = re.compile(r"\bv?\d+(?:\.\d+){2,}\b|\bv\d+(?:\.\d+)*\b", re.IGNORECASE)
-_CODE = re.compile(r"\b(?=[\w-]*[A-Za-z])(?=[\w-]*\d)[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)+\b"
-                   r"|\b(?=\w*[A-Za-z])(?=\w*\d)[A-Za-z]+\d+[A-Za-z0-9]*\b")
+_TOKEN = re.compile(r"[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*")
 _NUMBER = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\w)|\d+(?:\.\d+)?")
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_WORD = re.compile(r"[a-z0-9]+n't|[a-z0-9]+|'(?:s|re|ve|ll|d|m)\b")   # "what's" -> what, 's
 _CAP_WORD = re.compile(r"\b[A-Z][A-Za-z]*[A-Z]?[a-z]*\b")
-_SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\(\s*|\"\s*)$")
+_OPENERS = frozenset('.!?:;("\u201c')
+_DIGIT = re.compile(r"\d")
 
 NEGATIONS = frozenset({"not", "no", "never", "without", "cannot", "nothing", "nobody", "none",
                        "neither", "nor", "nowhere"})
@@ -80,6 +84,15 @@ class Facts:
     folded: str
 
 
+def _is_code(token: str) -> bool:
+    """Letters and digits in one token: ``ORD-1234``, ``x86_64``, ``mp3`` (not ``10am``, ``5``)."""
+    if token.isalpha() or token.isdigit():
+        return False
+    if "-" in token or "_" in token:
+        return any(c.isalpha() for c in token) and any(c.isdigit() for c in token)
+    return token[0].isalpha() and any(c.isdigit() for c in token)
+
+
 def _number(token: str) -> str:
     token = token.replace(",", "")
     if "." in token:
@@ -92,7 +105,15 @@ def _words(folded: str) -> tuple[str, ...]:
 
 
 def _negations(words: Iterable[str]) -> int:
-    return sum(1 for w in words if w in NEGATIONS or w.endswith("n't"))
+    return sum(1 for w in words if w in NEGATIONS or (w[-1] == "t" and w.endswith("n't")))
+
+
+def _sentence_start(text: str, pos: int) -> bool:
+    """True when only spaces and an opening mark separate ``pos`` from a sentence start."""
+    i = pos - 1
+    while i >= 0 and text[i].isspace():
+        i -= 1
+    return i < 0 or text[i] in _OPENERS
 
 
 def _entities(text: str) -> frozenset[str]:
@@ -102,8 +123,7 @@ def _entities(text: str) -> frozenset[str]:
         low = word.casefold()
         if low in _NOT_ENTITIES or len(word) < 2:
             continue
-        acronym = word.isupper() and len(word) >= 2
-        if not acronym and _SENTENCE_START.search(text, 0, m.start()):
+        if not word.isupper() and _sentence_start(text, m.start()):
             continue
         found.add(low)
     return frozenset(found)
@@ -114,19 +134,31 @@ def facts(text: str) -> Facts:
     """The ``Facts`` of one question; memoised, so a cached candidate is parsed once."""
     text = text.replace('""', '"')       # CSV-escaped quotes, common in exported question logs
     folded = " ".join(text.casefold().split())
-    quoted = frozenset(" ".join(next(g for g in m.groups() if g is not None).casefold().split())
-                       for m in _QUOTED.finditer(text))
-    identifiers = set(m.group().casefold().rstrip(".,;:!?)") for m in _URL.finditer(text))
-    identifiers |= {m.group().casefold() for m in _EMAIL.finditer(text)}
-    identifiers |= {m.group().casefold() for m in _HANDLE.finditer(text)}
-    rest = _URL.sub(" ", _EMAIL.sub(" ", text))
-    identifiers |= {m.group().casefold() for m in _VERSION.finditer(rest)}
-    identifiers |= {m.group().casefold() for m in _CODE.finditer(rest)}
     words = _words(folded)
+    # Each pattern runs only when the character it needs is there: most questions have none.
+    quoted: frozenset[str] = frozenset()
+    if any(c in text for c in "\"'\u201c\u2018"):
+        quoted = frozenset(q for q in (" ".join(next(g for g in m.groups() if g is not None).casefold().split())
+                                       for m in _QUOTED.finditer(text)) if q)
+    identifiers: set[str] = set()
+    rest = text
+    if "://" in text or "www." in folded:
+        identifiers |= {m.group().casefold().rstrip(".,;:!?)") for m in _URL.finditer(text)}
+        rest = _URL.sub(" ", rest)
+    if "@" in text:
+        identifiers |= {m.group().casefold() for m in _EMAIL.finditer(rest)}
+        rest = _EMAIL.sub(" ", rest)
+    if "@" in rest or "#" in rest:
+        identifiers |= {m.group().casefold() for m in _HANDLE.finditer(rest)}
+    numbers: frozenset[str] = frozenset()
+    if _DIGIT.search(rest):
+        identifiers |= {m.group().casefold() for m in _VERSION.finditer(rest)}
+        identifiers |= {t.casefold() for t in _TOKEN.findall(rest) if _is_code(t)}
+        numbers = frozenset(_number(m.group()) for m in _NUMBER.finditer(rest))
     return Facts(
         words=words,
-        numbers=frozenset(_number(m.group()) for m in _NUMBER.finditer(rest)),
-        quoted=frozenset(q for q in quoted if q),
+        numbers=numbers,
+        quoted=quoted,
         negations=_negations(words),
         identifiers=frozenset(identifiers),
         entities=_entities(text),
@@ -150,8 +182,39 @@ def _identifier(a: Facts, b: Facts) -> bool:
     return any(i not in b.folded for i in a.identifiers) or any(i not in a.folded for i in b.identifiers)
 
 
+def entity_mismatches(a: Facts, b: Facts) -> int:
+    """How many capitalised names of either question do not occur (in any case) in the other."""
+    if not a.entities and not b.entities:
+        return 0
+    wa, wb = set(a.words), set(b.words)
+    return sum(1 for e in a.entities if e not in wb) + sum(1 for e in b.entities if e not in wa)
+
+
+_OPPOSITES = (
+    "positive negative", "advantage disadvantage", "advantages disadvantages", "pros cons", "best worst",
+    "better worse", "good bad", "long short", "longer shorter", "high low", "higher lower", "increase decrease",
+    "up down", "before after", "first last", "male female", "men women", "man woman", "boy girl",
+    "boys girls", "buy sell", "buying selling", "import export", "win lose", "winning losing", "more less",
+    "most least", "maximum minimum", "max min", "rich poor", "old new", "young old", "cheap expensive",
+    "easy hard", "easiest hardest", "fast slow", "faster slower", "hot cold", "big small", "bigger smaller",
+    "large small", "strong weak", "true false", "legal illegal", "possible impossible", "happy sad",
+    "love hate", "start stop", "open close", "on off", "in out", "inside outside", "add remove",
+    "enable disable", "allow block", "left right", "north south", "east west", "past future",
+    "internal external", "online offline", "private public", "input output", "upload download",
+    "send receive", "sender receiver", "client server", "encrypt decrypt", "debit credit", "dark light",
+    "success failure", "pass fail", "accept reject", "agree disagree", "like dislike", "always never",
+)
+OPPOSITES = frozenset(frozenset(p.split()) for p in _OPPOSITES)
+
+
+def _opposite(a: Facts, b: Facts) -> bool:
+    only_a = set(a.words) - set(b.words)
+    only_b = set(b.words) - set(a.words)
+    return any(frozenset((x, y)) in OPPOSITES for x in only_a for y in only_b)
+
+
 def _entity(a: Facts, b: Facts) -> bool:
-    return bool(a.entities ^ b.entities)
+    return entity_mismatches(a, b) > 0
 
 
 ALL_GUARDS: dict[str, Callable[[Facts, Facts], bool]] = {
@@ -159,9 +222,10 @@ ALL_GUARDS: dict[str, Callable[[Facts, Facts], bool]] = {
     "quoted": _quoted,
     "negation": _negation,
     "identifier": _identifier,
+    "opposite": _opposite,
     "entity": _entity,
 }
-DEFAULT_GUARDS: tuple[str, ...] = ("numbers", "quoted", "negation", "identifier")
+DEFAULT_GUARDS: tuple[str, ...] = ("numbers", "quoted", "negation", "identifier", "opposite")
 
 
 def refusal(a: str | Facts, b: str | Facts, guards: Iterable[str] = DEFAULT_GUARDS) -> str | None:
