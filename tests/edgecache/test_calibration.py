@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -101,3 +102,73 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="strict to loose"):
         Calibration.from_dict({"negatives": 10, "positives": 1, "confidence": 0.95,
                                "rows": [[0.5, 1, 0.3, 0.1], [0.9, 0, 0.2, 0.0]]})
+
+
+# The calibration tool (edgecache calibrate) on labeled pairs that carry their cosines.
+
+TOPICS = ["reset my password", "cancel my order", "change my email", "delete my account", "update my card",
+          "export my data", "invite a teammate", "rename a project", "enable two factor login", "close a ticket"]
+
+
+def write_pairs(path, n: int = 400, seed: int = 5) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        t = rng.choice(TOPICS)
+        if i % 3 == 0:
+            rows.append({"a": f"How do I {t}?", "b": f"How can I {t}?", "label": 1,
+                         "cosine": rng.uniform(0.9, 0.99)})
+        else:
+            other = rng.choice([x for x in TOPICS if x != t])
+            rows.append({"text_a": f"How do I {t}?", "text_b": f"How do I {other}?", "label": 0,
+                         "cosine": rng.uniform(0.6, 0.97)})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return rows
+
+
+@pytest.fixture
+def text_only_policy(tmp_path):
+    from edgecache.semantic_policy import DEFAULT_PATH
+
+    doc = json.loads(DEFAULT_PATH.read_text())
+    doc["verifiers"] = {"text": doc["verifiers"]["text"]}
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_calibrate_tool_writes_a_policy_calibrated_on_the_given_pairs(tmp_path, text_only_policy, capsys) -> None:
+    from edgecache.calibrate import main
+    from edgecache.semantic_policy import SemanticPolicy
+
+    rows = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "mine.json"
+    assert main([str(tmp_path / "pairs.jsonl"), "--policy", str(text_only_policy), "--out", str(out),
+                 "--targets", "0.02,0.05"]) == 0
+    doc = json.loads(out.read_text())
+    table = doc["verifiers"]["text"]["calibration"]
+    assert table["negatives"] == sum(1 for r in rows if r["label"] == 0)
+    assert table["positives"] == sum(1 for r in rows if r["label"] == 1)
+    policy = SemanticPolicy.load(out, max_false_hit_rate=0.05)
+    assert not policy.has_vector_verifier
+    assert "target" in capsys.readouterr().out
+
+
+def test_calibrate_tool_check_mode_reports_without_writing(tmp_path, text_only_policy, capsys) -> None:
+    from edgecache.calibrate import main
+
+    write_pairs(tmp_path / "pairs.jsonl")
+    status = main([str(tmp_path / "pairs.jsonl"), "--policy", str(text_only_policy), "--check",
+                   "--targets", "0.05"])
+    assert status in (0, 1)
+    assert "text" in capsys.readouterr().out
+    assert list(tmp_path.glob("*.json")) == [text_only_policy]
+
+
+def test_calibrate_tool_names_the_bad_line(tmp_path, text_only_policy, capsys) -> None:
+    from edgecache.calibrate import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": "x", "b": "y", "label": 1, "cosine": 0.9}\n{"a": "x", "label": 3}\n')
+    assert main([str(bad), "--policy", str(text_only_policy), "--out", str(tmp_path / "o.json")]) == 2
+    assert "line 2" in capsys.readouterr().err
