@@ -160,10 +160,10 @@ class EmbeddingCache:
             vecs_file = keys_file.with_name(keys_file.name.replace(".keys.", ".vecs."))
             if not vecs_file.exists():
                 continue
-            keys = np.load(keys_file)
+            raw = np.load(keys_file).tobytes()       # not bytes(k): numpy strips trailing NULs
             vecs = np.load(vecs_file, mmap_mode="r")
-            for i, k in enumerate(keys):
-                self._rows[bytes(k)] = vecs[i]
+            for i in range(len(vecs)):
+                self._rows[raw[16 * i:16 * i + 16]] = vecs[i]
 
     def _encode(self, texts: list[str]) -> Any:
         if self._model is None:
@@ -195,15 +195,15 @@ class EmbeddingCache:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             vecs = self._encode(part)
-            keys = np.array([self.key(t) for t in part], dtype="S16")
-            name = f"shard-{os.getpid()}-{hashlib.blake2b(keys.tobytes(), digest_size=8).hexdigest()}"
+            keys = [self.key(t) for t in part]
+            name = f"shard-{os.getpid()}-{hashlib.blake2b(b''.join(keys), digest_size=8).hexdigest()}"
             tmp_v, tmp_k = self.root / f"{name}.vecs.tmp.npy", self.root / f"{name}.keys.tmp.npy"
             np.save(tmp_v, vecs)
-            np.save(tmp_k, keys)
+            np.save(tmp_k, np.frombuffer(b"".join(keys), dtype="S16"))
             tmp_v.rename(self.root / f"{name}.vecs.npy")   # vectors first: keys mark a shard complete
             tmp_k.rename(self.root / f"{name}.keys.npy")
             for k, v in zip(keys, vecs, strict=True):
-                self._rows[bytes(k)] = v
+                self._rows[k] = v
             if progress:
                 print(f"embedded {min(start + chunk, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
 
