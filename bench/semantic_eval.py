@@ -24,7 +24,8 @@ non-duplicates, with a 95 % Clopper-Pearson upper bound, and the precision on th
 - full mode adds ablations calibrated on the ``calib`` split like the policy: the cosine
   alone (``calibrated_cosine``) and the cosine behind the guards (``guards_cosine``).
 
-Writes a precision-recall plot (``--png``, default bench/reports/semantic_pr[_quick].png).
+Writes a precision-recall plot (``--png``; default bench/reports/semantic_pr.png for the full
+run, bench/out/semantic_pr_quick.png for a sample).
 Embeddings are cached under /tmp (``bench.qqp.EmbeddingCache``); a cold quick run embeds
 about 5,800 questions (about a minute on 2 cores).
 """
@@ -279,8 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy = SemanticPolicy.load(args.policy, max_false_hit_rate=args.bound)
     cache = EmbeddingCache(args.cache_dir, threads=args.threads)
     sampled = n is not None
-    png = None if args.no_png else (args.png or ROOT / "bench" / "reports" /
-                                     ("semantic_pr_quick.png" if sampled else "semantic_pr.png"))
+    default_png = ROOT / "bench" / ("out/semantic_pr_quick.png" if sampled else "reports/semantic_pr.png")
+    png = None if args.no_png else (args.png or default_png)
     title = (f"QQP test split, {len(test)} pairs, all-MiniLM-L6-v2; bound {args.bound:g}")
     report = evaluate(test, cache, policy, policy_path=args.policy, ablations=not sampled, png=png,
                       title=title)
