@@ -5,6 +5,7 @@
     edgecache node --topology FILE --region NAME     one edge node
     edgecache sim --topology FILE --index N          one simulated GPU server (N from 0)
     edgecache config check FILE                      validate a topology file
+    edgecache calibrate PAIRS --out POLICY.json      re-calibrate the semantic hit policy
 
 This module is the composition root: it alone imports the services.
 """
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--port", type=int)
     p.set_defaults(func=_cmd_sim)
+    sub.add_parser("calibrate", help="re-calibrate the semantic hit policy on labeled pairs (calibrate --help)",
+                   add_help=False)
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)
     c = csub.add_parser("check", help="validate a topology file")
@@ -239,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("EDGECACHE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:   # its own argument parser
+        from edgecache.calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -95,3 +96,16 @@ data_dir = "{tmp_path / 'eu-west'}"
         code = await asyncio.wait_for(proc.wait(), 30)
     assert code == 0
     assert b"stopped" in rest
+
+
+def test_calibrate_checks_a_policy_on_labeled_pairs(tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"a": f"How do I reset my password {i}?", "b": f"How can I reset my password {i}?", "label": 1,
+             "cosine": 0.97} for i in range(20)]
+    rows += [{"a": f"What is the balance of account {i}?", "b": f"Close account {i + 1}", "label": 0,
+              "cosine": 0.5} for i in range(20)]
+    pairs.write_text("\n".join(json.dumps(r) for r in rows))
+    run = subprocess.run([sys.executable, "-m", "edgecache.cli", "calibrate", str(pairs), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr   # no false hit above any target on these pairs
+    assert "1.000%" in run.stdout and "threshold" in run.stdout
