@@ -29,6 +29,9 @@ bench: $(STAMP) bench-tools
 	mkdir -p bench/out
 	$(PY) -m bench.hit_path --quick --json bench/out/hit_path.json
 	$(PY) -m bench.prefix_routing --quick --json bench/out/prefix_routing.json
+	$(PY) -m bench.semantic_eval --quick --json bench/out/semantic_eval.json
+	$(PY) -m bench.semantic_index --quick --json bench/out/semantic_index.json
+	$(PY) -m bench.semantic_latency --quick --json bench/out/semantic_latency.json
 
 # wrk (Debian package) measures the hit path; without it the benchmarks fall back to an
 # aiohttp load generator and say so. Best effort: needs root and Debian's apt.

@@ -270,7 +270,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
                 query, vector, req.tenant, lambda k: _fetch(state, k, now))
             if semantic is not None:
                 entry = semantic.entry
-                status = (f'edgecache-{region}; hit; detail="semantic {semantic.score:.3f}"; '
+                status = (f'edgecache-{region}; hit; detail="semantic {semantic.cosine:.3f}"; '
                           f'ttl={int(entry.expires_at() - now)}; key="{entry.key.hex()}"')
                 state.metrics.observe(req.endpoint, "semantic_hit", time.perf_counter() - started)
                 return _replay(entry, req.stream, req.include_usage, status, now)

@@ -31,7 +31,8 @@ log = logging.getLogger("edgecache.node.semantic")
 @dataclass(frozen=True, slots=True)
 class SemanticHit:
     entry: Entry
-    score: float
+    cosine: float   # what Cache-Status reports: detail="semantic 0.962"
+    score: float    # the verifier's score, which the calibrated threshold applies to
 
 
 class SemanticTier:
@@ -56,7 +57,12 @@ class SemanticTier:
 
     async def lookup(self, query: SemanticQuery, vector: Any, tenant: str,
                      fetch: Callable[[bytes], Awaitable[Entry | None]]) -> SemanticHit | None:
-        """The nearest stored answer the policy accepts for ``query``, if any."""
+        """The nearest stored answer, if the policy accepts it for ``query``.
+
+        Only the nearest live neighbour is judged: the policy's false-hit bound is calibrated
+        per pair, and judging several candidates until one passes would multiply it. Further
+        candidates stand in only for neighbours whose entries are gone (purged, expired).
+        """
         self.lookups += 1
         neighbours = await asyncio.to_thread(self.index.search, query.scope, vector, self.config.candidates,
                                              self.policy.min_cosine)
@@ -70,8 +76,8 @@ class SemanticTier:
                 continue
             verdict = self.policy.judge(query.text, entry.query, n.score, vector, n.vector)
             if verdict.hit:
-                hit = SemanticHit(entry, verdict.score)
-                break
+                hit = SemanticHit(entry, verdict.cosine, verdict.score)
+            break
         if gone:
             await asyncio.to_thread(self.index.remove, gone)
         if hit is not None:
