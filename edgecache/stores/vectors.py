@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from edgecache.stores import vectorfile
+from edgecache.stores import ivf, vectorfile
 from edgecache.stores.embed import require_semantic
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["FILE_NAME", "Neighbour", "VectorIndex"]
 
 FILE_NAME = "vectors.ecv"
-_MAX_NLIST = 2_048
 _REPLAY_LOCKED = 256         # changes made during a retrain that may be replayed under the lock
 _REPLAY_ROUNDS = 8           # rounds of catching up outside the lock before the rest is under it
 _GROWTH = 2                  # retrain IVF lists when a scope has doubled since training
@@ -269,9 +268,6 @@ class VectorIndex:
         if self.threads is not None:
             self._faiss.omp_set_num_threads(self.threads)
 
-    def _nprobe(self, nlist: int) -> int:
-        return self.nprobe or max(16, nlist // 64)
-
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("VectorIndex is closed")
@@ -321,26 +317,11 @@ class VectorIndex:
             self._to_flat(part)
 
     def _to_flat(self, part: _Part) -> None:
-        ids, vecs = self._ivf_contents(part.ivf)
+        ids, vecs = ivf.contents(part.ivf)
         part.ivf, part.trained, part.n = None, 0, len(ids)
         part.vecs, part.ids = vecs, ids
         for pos, id_ in enumerate(ids.tolist()):
             self._slots[id_].pos = pos
-
-    def _ivf_list(self, ivf: Any, lst: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of one IVF list's ids and vectors."""
-        np, faiss, inv = self._np, self._faiss, ivf.invlists
-        size = inv.list_size(lst)
-        if not size:
-            return np.empty(0, dtype=np.int64), np.empty((0, self.dim), dtype=np.float32)
-        ids = faiss.rev_swig_ptr(inv.get_ids(lst), size).copy()
-        codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * inv.code_size)
-        return ids, codes.view(np.float32).reshape(size, self.dim).copy()
-
-    def _ivf_contents(self, ivf: Any) -> tuple[np.ndarray, np.ndarray]:
-        lists = [self._ivf_list(ivf, lst) for lst in range(ivf.nlist)]
-        return (self._np.concatenate([ids for ids, _ in lists]),
-                self._np.concatenate([vecs for _, vecs in lists]))
 
     def _maybe_retrain(self, part: _Part) -> None:
         if part.log is not None or part.scope in self._pending:
@@ -348,7 +329,7 @@ class VectorIndex:
         if part.ivf is None:
             due = part.n >= self.promote_at
         else:
-            due = part.n >= _GROWTH * part.trained and _nlist(part.n) > part.ivf.nlist
+            due = part.n >= _GROWTH * part.trained and ivf.nlist_for(part.n) > part.ivf.nlist
         if due:
             self._pending.add(part.scope)
             if self._worker is None:
@@ -374,49 +355,39 @@ class VectorIndex:
                 if part.ivf is None:
                     ids, vecs = part.ids[: part.n].copy(), part.vecs[: part.n].copy()
                 else:
-                    ids, vecs = self._ivf_contents(part.ivf)
+                    ids, vecs = ivf.contents(part.ivf)
                 part.log = []
             try:
-                ivf = self._train(vecs)
-                ivf.add_with_ids(vecs, ids)
+                index = self._build(vecs, ids)
             except Exception:   # keep serving from the old structure
                 log.exception("retraining the vector lists of a scope with %d entries failed", len(ids))
-                ivf = None
+                index = None
             trained = len(ids)
             del ids, vecs
             for round_ in range(_REPLAY_ROUNDS + 1):   # catch up with the changes made meanwhile
                 with self._wake:
                     changes, part.log = part.log or [], []
-                    if ivf is None or len(changes) <= _REPLAY_LOCKED or round_ == _REPLAY_ROUNDS:
+                    if index is None or len(changes) <= _REPLAY_LOCKED or round_ == _REPLAY_ROUNDS:
                         part.log = None
-                        if ivf is not None:
-                            _replay(ivf, changes, self._np)
-                            self._swap_in(part, ivf, trained)
+                        if index is not None:
+                            ivf.replay(index, changes)
+                            self._swap_in(part, index, trained)
                             self._maybe_retrain(part)    # it may have doubled meanwhile
                         if part.n == 0 and self._parts.get(part.scope) is part:
                             del self._parts[part.scope]
                         self._wake.notify_all()
                         break
-                _replay(ivf, changes, self._np)
+                ivf.replay(index, changes)
 
-    def _train(self, vecs: np.ndarray) -> Any:
-        faiss, np = self._faiss, self._np
-        nlist = _nlist(len(vecs))
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.cp.niter = 10
-        ivf.cp.min_points_per_centroid = 1
-        ivf.cp.max_points_per_centroid = 40
-        sample = np.random.default_rng(len(vecs)).choice(len(vecs), min(len(vecs), 40 * nlist), replace=False)
-        ivf.train(vecs[np.sort(sample)])
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        ivf.nprobe = self._nprobe(nlist)
-        return ivf
+    def _build(self, vecs: np.ndarray, ids: np.ndarray) -> Any:
+        """The new IVF index of a scope being retrained (outside the lock)."""
+        return ivf.train(vecs, ids, self.nprobe)
 
-    def _swap_in(self, part: _Part, ivf: Any, trained: int) -> None:
+    def _swap_in(self, part: _Part, index: Any, trained: int) -> None:
         np = self._np
-        part.ivf, part.trained = ivf, trained
+        part.ivf, part.trained = index, trained
         part.vecs, part.ids = np.empty((0, self.dim), dtype=np.float32), np.empty(0, dtype=np.int64)
-        part.n = int(ivf.ntotal)
+        part.n = int(index.ntotal)
         if part.n < self.promote_at // 4:
             self._to_flat(part)
 
@@ -450,14 +421,14 @@ class VectorIndex:
                     block = vectorfile.Block(0, self._keys_of(part.ids[: part.n]), part.ids[: part.n].copy(),
                                              part.vecs[: part.n].copy())
                     return vectorfile.Partition(scope, vectorfile.FLAT, 0, None, [block])
-                ivf = part.ivf
-                centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+                index = part.ivf
+                centroids = ivf.centroids(index)
             blocks = []
-            for lst in range(ivf.nlist):
+            for lst in range(index.nlist):
                 with self._lock:
-                    if part.ivf is not ivf or self._parts.get(scope) is not part:
+                    if part.ivf is not index or self._parts.get(scope) is not part:
                         break   # retrained or emptied meanwhile: start this scope again
-                    ids, vecs = self._ivf_list(ivf, lst)
+                    ids, vecs = ivf.list_copy(index, lst)
                     if len(ids):
                         blocks.append(vectorfile.Block(lst, self._keys_of(ids), ids, vecs))
             else:
@@ -485,18 +456,9 @@ class VectorIndex:
     def _adopt(self, record: vectorfile.Partition) -> None:
         """Register a loaded scope. A key already loaded (it moved scope while the file was
         being written) keeps its first copy."""
-        np, faiss = self._np, self._faiss
-        part = _Part(record.scope, np, self.dim)
         if record.scope in self._parts:
             raise ValueError("a scope appears twice")
-        if record.kind == vectorfile.IVF:
-            assert record.centroids is not None
-            nlist = len(record.centroids)
-            quantizer = faiss.IndexFlatIP(self.dim)
-            quantizer.add(record.centroids)
-            part.ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            part.ivf.nprobe = self._nprobe(nlist)
-            part.trained = record.trained
+        part = _Part(record.scope, self._np, self.dim)
         kept = []
         for block in record.blocks:
             fresh = [i for i, id_ in enumerate(block.ids.tolist()) if id_ not in self._slots]
@@ -509,35 +471,13 @@ class VectorIndex:
                 if id_ != int.from_bytes(key[:8], "little", signed=True):
                     self._moved[key] = id_
             part.n += len(block.ids)
-            if part.ivf is not None and len(block.ids):
-                codes = np.ascontiguousarray(block.vectors, dtype=np.float32).view(np.uint8)
-                part.ivf.invlists.add_entries(block.list_no, len(block.ids), faiss.swig_ptr(block.ids),
-                                              faiss.swig_ptr(codes))
             kept.append(block)
-        if part.ivf is None:
-            part.ids = np.concatenate([b.ids for b in kept]) if kept else part.ids
-            part.vecs = np.concatenate([b.vectors for b in kept]) if kept else part.vecs
-        else:
-            part.ivf.ntotal = part.n
-            part.ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        if record.kind == vectorfile.IVF:
+            assert record.centroids is not None
+            part.ivf = ivf.from_lists(record.centroids, ((b.list_no, b.ids, b.vectors) for b in kept), self.nprobe)
+            part.trained = record.trained
+        elif kept:
+            part.ids = self._np.concatenate([b.ids for b in kept])
+            part.vecs = self._np.concatenate([b.vectors for b in kept])
         if part.n:
             self._parts[part.scope] = part
-
-
-def _replay(ivf: Any, changes: list[tuple[int, Any]], np: Any) -> None:
-    """Apply logged changes (id, vector) / (id, None: removed) in order, adds in runs."""
-    run: list[tuple[int, Any]] = []
-    for change in [*changes, (None, None)]:
-        if change[1] is not None:
-            run.append(change)
-            continue
-        if run:
-            ivf.add_with_ids(np.stack([v for _, v in run]), np.array([i for i, _ in run], dtype=np.int64))
-            run = []
-        if change[0] is not None:
-            ivf.remove_ids(np.array([change[0]], dtype=np.int64))
-
-
-def _nlist(n: int) -> int:
-    """IVF lists for ``n`` vectors: n/64 rounded down to a power of two, within 128..2048."""
-    return max(128, min(_MAX_NLIST, 1 << max(0, (n // 64).bit_length() - 1)))

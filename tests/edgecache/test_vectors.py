@@ -151,10 +151,10 @@ class HeldIndex(VectorIndex):
         self.release = threading.Event()
         super().__init__(*args, **kwargs)
 
-    def _train(self, vecs):
+    def _build(self, vecs, ids):
         self.training.set()
         assert self.release.wait(30)
-        return super()._train(vecs)
+        return super()._build(vecs, ids)
 
 
 @pytest.mark.parametrize("ck", [key, colliding_key], ids=["digests", "colliding"])
@@ -363,3 +363,10 @@ def test_closed_index_refuses_use(index: VectorIndex) -> None:
     index.close()
     with pytest.raises(RuntimeError):
         index.add(TENANT_A, key(1), unit(1))
+
+
+def test_ivf_list_count_grows_with_the_scope_within_bounds() -> None:
+    from edgecache.stores import ivf
+
+    assert [ivf.nlist_for(n) for n in (8_192, 65_536, 131_072, 1_000_000)] == [128, 1024, 2048, 2048]
+    assert [ivf.nprobe_for(n) for n in (128, 1024, 2048)] == [16, 16, 32]
