@@ -241,7 +241,7 @@ class MicroBatcher:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def embed(self, text: str) -> np.ndarray:
-        if self._worker is None or self._closed:
+        if self._worker is None or self._closed or self._worker.done():
             raise RuntimeError("MicroBatcher.embed: not started, or closed")
         if len(self._queue) >= self.max_queue:
             self._rejected += 1
@@ -273,6 +273,10 @@ class MicroBatcher:
             self._running = [fut for _, fut in batch]
             try:
                 vectors = await loop.run_in_executor(self._executor, self._encode, texts)
+                if len(vectors) != len(texts):
+                    raise ValueError(f"encode returned {len(vectors)} vectors for {len(texts)} texts")
+                row = {text: i for i, text in enumerate(texts)}
+                results = [vectors[row[text]].copy() for text, _ in batch]
             except Exception as exc:   # the model failed: every caller of this batch hears why
                 for fut in self._running:
                     if not fut.done():
@@ -282,10 +286,9 @@ class MicroBatcher:
                 self._batches += 1
                 self._items += len(batch)
                 self._encoded += len(texts)
-            row = {text: i for i, text in enumerate(texts)}
-            for text, fut in batch:
+            for (_, fut), vector in zip(batch, results, strict=True):
                 if not fut.done():
-                    fut.set_result(vectors[row[text]].copy())
+                    fut.set_result(vector)
             self._running = []
 
     def _take(self) -> list[tuple[str, asyncio.Future[Any]]]:

@@ -141,6 +141,21 @@ async def test_model_failure_reaches_the_callers_of_that_batch_only(batcher_fact
     assert np.array_equal(await batcher.embed("fine"), fake_vector("fine"))
 
 
+async def test_encode_returning_the_wrong_number_of_rows_fails_that_batch_only(batcher_factory) -> None:
+    calls = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        calls.append(texts)
+        rows = np.stack([fake_vector(t) for t in texts])
+        return rows[:0] if len(calls) == 1 else rows
+
+    batcher = await batcher_factory(encode, window_s=0, max_batch=1)
+
+    with pytest.raises(ValueError, match="returned 0 vectors"):
+        await batcher.embed("first")
+    assert np.array_equal(await batcher.embed("second"), fake_vector("second"))
+
+
 async def test_a_caller_that_gives_up_does_not_disturb_the_others(batcher_factory) -> None:
     model = FakeModel(held=True)
     batcher = await batcher_factory(model, window_s=0, max_batch=4)
