@@ -100,9 +100,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
     # /healthz says "starting" until every worker listens: a keep-alive client (or a load
     # balancer) that connects earlier would otherwise stick to the first worker.
     listening = ctx.Value("i", 0)
-    procs = [ctx.Process(target=_run_app, args=(_NodeFactory(node, listening), node.host, node.port),
+    procs = [ctx.Process(target=_run_app, args=(_NodeFactory(node, listening, i), node.host, node.port),
                          kwargs={"reuse_port": True, "listening": listening}, daemon=False)
-             for _ in range(node.workers)]
+             for i in range(node.workers)]
     for p in procs:
         p.start()
     _wait_for_signal()
@@ -116,14 +116,15 @@ def _cmd_node(args: argparse.Namespace) -> int:
 class _NodeFactory:
     """A picklable ``create_app`` call for worker processes."""
 
-    def __init__(self, node, listening) -> None:
+    def __init__(self, node, listening, worker: int) -> None:
         self.node = node
         self.listening = listening
+        self.worker = worker
 
     def __call__(self):
         from nodes.app import create_app
 
-        return create_app(self.node, ready=lambda: self.listening.value >= self.node.workers)
+        return create_app(self.node, ready=lambda: self.listening.value >= self.node.workers, worker=self.worker)
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:

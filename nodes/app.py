@@ -141,6 +141,7 @@ NODE = web.AppKey("node", NodeState)
 CONFIG = web.AppKey("config", NodeConfig)
 CACHE_STATUS = web.RequestKey("cache_status", str)
 READY = web.AppKey("ready", Callable[[], bool])
+WORKER = web.AppKey("worker", int)
 
 
 # -- middleware -------------------------------------------------------------------------
@@ -497,7 +498,8 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     app[NODE] = state
     state.prefixes = PrefixReplica(session, config.node_token, on_change=state.memo.clear)
     state.semantic, state.semantic_status = await open_semantic_tier(
-        config.semantic, config.data_dir, lambda key: disk.get(key, time.time()) is not None)
+        config.semantic, config.data_dir, lambda key: disk.get(key, time.time()) is not None,
+        worker=app[WORKER])
     tasks = [asyncio.create_task(_sweep(state)),
              asyncio.create_task(state.prefixes.follow(config.prefix_refresh_s))]
     if state.semantic is not None:
@@ -530,10 +532,12 @@ async def _sweep(state: NodeState, every_s: float = 60.0) -> None:
             log.exception("disk tier sweep failed")
 
 
-def create_app(config: NodeConfig, *, ready: Callable[[], bool] | None = None) -> web.Application:
-    """The edge node. ``ready``: False while sibling worker processes are still starting."""
+def create_app(config: NodeConfig, *, ready: Callable[[], bool] | None = None, worker: int = 0) -> web.Application:
+    """The edge node. ``ready``: False while sibling worker processes are still starting;
+    ``worker``: this process's number among them (0 when alone)."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_error_middleware])
     app[CONFIG] = config
+    app[WORKER] = worker
     app[READY] = ready or (lambda: True)
     app.cleanup_ctx.append(_node_state)
     app.router.add_post("/v1/chat/completions", _completions)

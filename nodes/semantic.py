@@ -115,13 +115,18 @@ class SemanticTier:
         await asyncio.to_thread(self.index.close)
 
 
-async def open_semantic_tier(config: SemanticConfig, data_dir: str,
-                             alive: Callable[[bytes], bool]) -> tuple[SemanticTier | None, str]:
-    """Load the model, the policy and the saved vectors; (None, reason) when it cannot."""
+async def open_semantic_tier(config: SemanticConfig, data_dir: str, alive: Callable[[bytes], bool],
+                             *, worker: int = 0) -> tuple[SemanticTier | None, str]:
+    """Load the model, the policy and the saved vectors; (None, reason) when it cannot.
+
+    Worker processes of one node share the disk tier but not memory: each keeps the vectors
+    of the answers it filled, in a folder of its own (``vectors``, ``vectors-1``, …).
+    """
     if not config.enabled:
         return None, "disabled"
     try:   # imports read files and the model loads for seconds: all of it off the loop
-        policy, embedder, index, batcher_class = await asyncio.to_thread(_load, config, data_dir, alive)
+        folder = os.path.join(data_dir, "vectors" if worker == 0 else f"vectors-{worker}")
+        policy, embedder, index, batcher_class = await asyncio.to_thread(_load, config, folder, alive)
     except ImportError as exc:
         log.warning("semantic tier unavailable (pip install 'edgecache[semantic]'): %s", exc)
         return None, f"unavailable: {exc.name or exc} is not installed (pip install 'edgecache[semantic]')"
@@ -131,7 +136,7 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str,
     return SemanticTier(config, batcher, index, policy), "enabled"
 
 
-def _load(config: SemanticConfig, data_dir: str, alive: Callable[[bytes], bool]) -> tuple[Any, Any, Any, Any]:
+def _load(config: SemanticConfig, folder: str, alive: Callable[[bytes], bool]) -> tuple[Any, Any, Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model ships in a package: never download
     from edgecache.semantic_policy import SemanticPolicy
     from edgecache.stores.embed import Embedder, MicroBatcher
@@ -139,7 +144,7 @@ def _load(config: SemanticConfig, data_dir: str, alive: Callable[[bytes], bool])
 
     policy = SemanticPolicy.load(config.policy_path or None, max_false_hit_rate=config.max_false_hit_rate)
     embedder = Embedder()
-    index = VectorIndex(os.path.join(data_dir, "vectors"))
+    index = VectorIndex(folder)
     dropped = index.reconcile(alive)
     if dropped:
         log.info("semantic index: dropped %d vectors whose entries are gone", dropped)
