@@ -138,6 +138,8 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str, alive: Calla
 
 def _load(config: SemanticConfig, folder: str, alive: Callable[[bytes], bool]) -> tuple[Any, Any, Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model ships in a package: never download
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # no progress bars in service logs
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from edgecache.semantic_policy import SemanticPolicy
     from edgecache.stores.embed import Embedder, MicroBatcher
     from edgecache.stores.vectors import VectorIndex
