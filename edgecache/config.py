@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecache.errors import ConfigError
+from edgecache.webhook import parse_secret
 
 __all__ = [
     "AuthConfig",
@@ -329,8 +330,10 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
             raise ConfigError(f"{source}: unknown section {key!r} (expected one of {', '.join(sorted(allowed))})")
     auth = _build(AuthConfig, raw.get("auth", {}), f"{source}: auth")
     auth = replace(auth, **{k: environ[v] for k, v in _ENV_SECRETS.items() if environ.get(v)})
-    if not auth.webhook_secret.startswith("whsec_"):
-        raise ConfigError(f"{source}: auth.webhook_secret: expected a 'whsec_…' secret")
+    try:
+        parse_secret(auth.webhook_secret)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: auth.webhook_secret: {exc}") from None
     origin = _build(OriginConfig, raw.get("origin", {}), f"{source}: origin")
     if not origin.data_dir:
         origin = replace(origin, data_dir=str((base_dir or Path.cwd()) / "var" / "origin"))
