@@ -10,6 +10,7 @@ from edgecache.config import load_config, parse_config
 from edgecache.errors import ConfigError
 
 LOCAL = Path(__file__).resolve().parents[2] / "deploy" / "local.toml"
+SECRET = "whsec_" + "c2VjcmV0LW9mLWF0LWxlYXN0LTE2LWJ5dGVz"   # base64 of a 27-byte key
 
 
 def test_local_topology_has_the_documented_services() -> None:
@@ -22,9 +23,9 @@ def test_local_topology_has_the_documented_services() -> None:
 
 
 def test_secrets_are_overridden_by_the_environment() -> None:
-    env = {"EDGECACHE_ADMIN_TOKEN": "adm", "EDGECACHE_NODE_TOKEN": "nod", "EDGECACHE_WEBHOOK_SECRET": "whsec_abc"}
+    env = {"EDGECACHE_ADMIN_TOKEN": "adm", "EDGECACHE_NODE_TOKEN": "nod", "EDGECACHE_WEBHOOK_SECRET": SECRET}
     config = load_config(LOCAL, env)
-    assert (config.auth.admin_token, config.auth.node_token, config.auth.webhook_secret) == ("adm", "nod", "whsec_abc")
+    assert (config.auth.admin_token, config.auth.node_token, config.auth.webhook_secret) == ("adm", "nod", SECRET)
     assert all(e.node_token == "nod" for e in config.edges)
 
 
@@ -37,6 +38,7 @@ def test_secrets_are_overridden_by_the_environment() -> None:
     ({"edges": {"region": "a"}}, "edges: expected an array"),
     ({"backends": [{"url": "ftp://x"}]}, "backends[0].url"),
     ({"auth": {"webhook_secret": "plain"}}, "webhook_secret"),
+    ({"auth": {"webhook_secret": "whsec_abc"}}, "webhook_secret: the webhook secret is not base64"),
     ({"origin": {"routing": "random"}}, "origin.routing"),
     ({"nodes": []}, "unknown section 'nodes'"),
 ])
