@@ -498,8 +498,7 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     app[NODE] = state
     state.prefixes = PrefixReplica(session, config.node_token, on_change=state.memo.clear)
     state.semantic, state.semantic_status = await open_semantic_tier(
-        config.semantic, config.data_dir, lambda key: disk.get(key, time.time()) is not None,
-        worker=app[WORKER])
+        config.semantic, config.data_dir, disk.keys, worker=app[WORKER])
     tasks = [asyncio.create_task(_sweep(state)),
              asyncio.create_task(state.prefixes.follow(config.prefix_refresh_s))]
     if state.semantic is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +115,7 @@ class SemanticTier:
         await asyncio.to_thread(self.index.close)
 
 
-async def open_semantic_tier(config: SemanticConfig, data_dir: str, alive: Callable[[bytes], bool],
+async def open_semantic_tier(config: SemanticConfig, data_dir: str, live_keys: Callable[[], Collection[bytes]],
                              *, worker: int = 0) -> tuple[SemanticTier | None, str]:
     """Load the model, the policy and the saved vectors; (None, reason) when it cannot.
 
@@ -126,7 +126,7 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str, alive: Calla
         return None, "disabled"
     try:   # imports read files and the model loads for seconds: all of it off the loop
         folder = os.path.join(data_dir, "vectors" if worker == 0 else f"vectors-{worker}")
-        policy, embedder, index, batcher_class = await asyncio.to_thread(_load, config, folder, alive)
+        policy, embedder, index, batcher_class = await asyncio.to_thread(_load, config, folder, live_keys)
     except ImportError as exc:
         log.warning("semantic tier unavailable (pip install 'edgecache[semantic]'): %s", exc)
         return None, f"unavailable: {exc.name or exc} is not installed (pip install 'edgecache[semantic]')"
@@ -136,7 +136,8 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str, alive: Calla
     return SemanticTier(config, batcher, index, policy), "enabled"
 
 
-def _load(config: SemanticConfig, folder: str, alive: Callable[[bytes], bool]) -> tuple[Any, Any, Any, Any]:
+def _load(config: SemanticConfig, folder: str,
+          live_keys: Callable[[], Collection[bytes]]) -> tuple[Any, Any, Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model ships in a package: never download
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # no progress bars in service logs
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -147,7 +148,7 @@ def _load(config: SemanticConfig, folder: str, alive: Callable[[bytes], bool]) -
     policy = SemanticPolicy.load(config.policy_path or None, max_false_hit_rate=config.max_false_hit_rate)
     embedder = Embedder()
     index = VectorIndex(folder)
-    dropped = index.reconcile(alive)
+    dropped = index.reconcile(live_keys().__contains__)   # vectors of entries the disk no longer has
     if dropped:
         log.info("semantic index: dropped %d vectors whose entries are gone", dropped)
     return policy, embedder, index, MicroBatcher

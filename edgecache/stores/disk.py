@@ -95,6 +95,10 @@ class DiskTier:
             return None
         return entry
 
+    def keys(self) -> set[bytes]:
+        """Every stored key (expired ones included until a read or a sweep drops them)."""
+        return {k for k in self._cache.iterkeys() if isinstance(k, bytes)}
+
     def keys_for_tag(self, tag: str) -> list[bytes]:
         with self._read_lock:
             rows = self._rdb.execute("SELECT key FROM entry_tag WHERE tag = ?", (tag,)).fetchall()

@@ -526,3 +526,18 @@ def test_tiered_put_refuses_a_fill_overtaken_by_a_purge(store: TieredStore) -> N
     assert store.get(key(1), NOW) is None
     assert store.put(make(2, "doc:2"), since=since) is True
     assert replace(store.get(key(2), NOW)) == make(2, "doc:2")
+
+
+def test_disk_tier_lists_its_keys(tmp_path) -> None:
+    from edgecache.entry import Entry
+    from edgecache.stores.disk import DiskTier
+
+    disk = DiskTier(tmp_path, 1 << 20)
+    try:
+        for i in range(3):
+            disk.put(Entry(key=bytes([i]) * 16, endpoint="chat", body=b"{}", chunks=None, created=0.0,
+                           ttl=60.0, tenant="t"))
+        disk.delete(bytes([1]) * 16)
+        assert disk.keys() == {bytes([0]) * 16, bytes([2]) * 16}
+    finally:
+        disk.close()
