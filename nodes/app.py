@@ -47,6 +47,7 @@ from edgecache.stores.disk import DiskTier
 from edgecache.stores.memory import MemoryTier
 from edgecache.stream import DONE, frame, synthesize_chunks, usage_chunk
 from edgecache.tags import parse_cache_tag_header
+from nodes.events import EventFollower
 from nodes.fill import Fill, FillRequest
 from nodes.memo import Memo
 from nodes.metrics import NodeMetrics
@@ -78,6 +79,7 @@ class NodeState:
     writes: set[asyncio.Task[None]] = field(default_factory=set)
     disk_stats: tuple[int, int] = (0, 0)
     prefixes: PrefixReplica | None = None
+    events: EventFollower | None = None
     semantic: SemanticTier | None = None
     semantic_status: str = "disabled"
 
@@ -121,8 +123,7 @@ class NodeState:
         The disk goes first, then memory: a promotion racing the purge cannot bring an
         entry back (it is refused by the memory tier's generation check).
         """
-        if self.writes:   # answers on their way to disk or the index are purged too
-            await asyncio.gather(*list(self.writes), return_exceptions=True)
+        await self._drain()
         keys = set(await asyncio.to_thread(lambda: [k for t in tags for k in self.disk.keys_for_tag(t)]))
         keys.update(k for t in tags for k in self.memory.keys_for_tag(t))
         on_disk = await asyncio.to_thread(self.disk.purge_tags, tags, soft=soft)
@@ -130,6 +131,42 @@ class NodeState:
         if self.semantic is not None and not soft:
             await self.semantic.forget(sorted(keys))
         return max(on_disk, in_memory)
+
+    async def _drain(self) -> None:
+        if self.writes:   # answers on their way to disk or the index are purged too
+            await asyncio.gather(*list(self.writes), return_exceptions=True)
+
+    async def purge_keys(self, keys: list[bytes]) -> int:
+        await self._drain()
+        on_disk = sum(await asyncio.to_thread(lambda: [self.disk.delete(k) for k in keys]))
+        in_memory = sum(self.memory.delete(k) for k in keys)
+        if self.semantic is not None:
+            await self.semantic.forget(keys)
+        return max(on_disk, in_memory)
+
+    async def purge_all(self) -> int:
+        await self._drain()
+        on_disk = await asyncio.to_thread(self.disk.clear)
+        in_memory = self.memory.clear()
+        if self.semantic is not None:
+            await self.semantic.forget(list(await asyncio.to_thread(self.semantic.index.keys)))
+        return max(on_disk, in_memory)
+
+    async def apply_event(self, event: dict[str, Any]) -> None:
+        """One invalidation event from the origin's log (applied in order, once)."""
+        if event["all"]:
+            await self.purge_all()
+        if event["tags"]:
+            await self.purge_tags(frozenset(event["tags"]), soft=event["soft"])
+        if event["keys"]:
+            await self.purge_keys([bytes.fromhex(k) for k in event["keys"]])
+        assert self.prefixes is not None
+        for change in event["prefixes"]:
+            if change["version"] is None:
+                self.prefixes.forget(change["id"])
+            else:
+                self.prefixes.apply(PrefixInfo(change["id"], change["version"], frozenset(change["tags"]),
+                                               change["bytes"]))
 
     def tier_stats(self, tier: str) -> tuple[int, int]:
         if tier == "memory":
@@ -471,6 +508,8 @@ async def _healthz(request: web.Request) -> web.Response:
         "inflight": len(state.inflight),
         "waiters": sum(f.waiters for f in state.inflight.values()),
         "semantic": state.semantic.health() if state.semantic else {"status": state.semantic_status},
+        "invalidation": {"applied_seq": state.events.applied if state.events else 0,
+                         "connected": bool(state.events and state.events.connected)},
     })
 
 
@@ -499,8 +538,17 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     state.prefixes = PrefixReplica(session, config.node_token, on_change=state.memo.clear)
     state.semantic, state.semantic_status = await open_semantic_tier(
         config.semantic, config.data_dir, disk.keys, worker=app[WORKER])
+    state.events = EventFollower(session, config.node_token, config.data_dir, state.apply_event,
+                                 state.purge_all)
+    await state.events.start()
+    try:   # catch up before serving, when the origin can be reached
+        while await state.events.poll_once(0):
+            pass
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+        log.warning("could not catch up with the invalidation log at start: %r", exc)
     tasks = [asyncio.create_task(_sweep(state)),
-             asyncio.create_task(state.prefixes.follow(config.prefix_refresh_s))]
+             asyncio.create_task(state.prefixes.follow(config.prefix_refresh_s)),
+             asyncio.create_task(state.events.follow())]
     if state.semantic is not None:
         tasks.append(asyncio.create_task(state.semantic.save_periodically()))
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -26,7 +27,9 @@ from edgecache.errors import (
 from edgecache.prefix import Prefix, expand, route_text
 from origin.admin import MAX_PREFIX_BYTES, REGISTRY, WARMER, add_prefix_routes
 from origin.backends import BackendPool
+from origin.eventlog import EventLog
 from origin.prefixes import PrefixRegistry
+from origin.purge import EVENTS, EventFeed, add_purge_routes
 
 __all__ = ["ORIGIN", "OriginState", "create_origin_app"]
 
@@ -93,6 +96,10 @@ def _authorize(request: web.Request) -> None:
     if request.path in _PUBLIC:
         return
     auth = request.app[CONFIG].auth
+    if request.path == "/v1/purge":
+        if _bearer_is(request, auth.admin_token):
+            return
+        raise Unauthorized("purging needs the admin token", code="invalid_admin_token")
     if request.path.startswith("/v1/prefixes"):
         if _bearer_is(request, auth.admin_token):
             return
@@ -233,6 +240,9 @@ async def _origin_state(app: web.Application) -> AsyncIterator[None]:
                                     sock_read=config.origin.read_timeout_s)
     registry = await asyncio.to_thread(PrefixRegistry, config.origin.data_dir or None)
     app[REGISTRY] = registry
+    events_dir = os.path.join(config.origin.data_dir, "events") if config.origin.data_dir else None
+    log_ = await asyncio.to_thread(EventLog, events_dir)
+    app[EVENTS] = EventFeed(log_)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             state = app[ORIGIN] = OriginState(config, session)
@@ -243,6 +253,7 @@ async def _origin_state(app: web.Application) -> AsyncIterator[None]:
                 await state.pool.close()
     finally:
         await asyncio.to_thread(registry.close)
+        await asyncio.to_thread(log_.close)
 
 
 def create_origin_app(config: Config) -> web.Application:
@@ -253,6 +264,7 @@ def create_origin_app(config: Config) -> web.Application:
         app[WARMER] = lambda prefix: _warm(app, prefix)
     app.cleanup_ctx.append(_origin_state)
     add_prefix_routes(app)
+    add_purge_routes(app)
     app.router.add_post("/v1/chat/completions", _forward)
     app.router.add_post("/v1/completions", _forward)
     app.router.add_get("/v1/models", _models)

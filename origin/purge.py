@@ -1,0 +1,136 @@
+"""Invalidation at the origin: the admin purge API and the event stream edges follow.
+
+    POST /v1/purge   (admin token)  {"tags": [...]} | {"keys": [...]} | {"prefix_ids": [...]} | {"all": true},
+                                    optional "soft": true; an Idempotency-Key header makes retries safe.
+                                    Answer: {"seq": N, "applied_by_edges": "asynchronously"}
+    GET  /v1/events?after=N&timeout=S   (node token)  events after N, waiting up to S seconds for one
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgecache.errors import BadRequest
+from edgecache.events import Event
+from edgecache.prefix import prefix_tag, validate_prefix_id
+from edgecache.tags import MAX_TAGS, validate_tag
+from origin.eventlog import EventLog
+
+__all__ = ["EVENTS", "EventFeed", "add_purge_routes", "event_json"]
+
+MAX_KEYS = 1000
+MAX_WAIT_S = 30.0
+
+
+class EventFeed:
+    """The log plus a wake-up for long-polling readers."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self._changed = asyncio.Event()
+
+    async def append(self, event: Event) -> tuple[Event, bool]:
+        stored, new = await asyncio.to_thread(self.log.append, event)
+        if new:
+            self._changed.set()
+            self._changed = asyncio.Event()
+        return stored, new
+
+    def changed(self) -> asyncio.Event:
+        """Set at the next append: take it before reading, so an append in between is not missed."""
+        return self._changed
+
+    @staticmethod
+    async def wait(changed: asyncio.Event, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(changed.wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+EVENTS = web.AppKey("events", EventFeed)
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {"seq": event.seq, "created": event.created, "source_id": event.source_id,
+            "tags": sorted(event.tags), "keys": sorted(k.hex() for k in event.keys),
+            "prefixes": [{"id": p.id, "version": p.version, "tags": sorted(p.tags), "bytes": p.bytes}
+                         for p in event.prefixes],
+            "all": event.purge_all, "soft": event.soft}
+
+
+def _purge_event(body: object, source_id: str, now: float) -> Event:
+    if not isinstance(body, dict):
+        raise BadRequest("The body must be a JSON object")
+    kinds = [k for k in ("tags", "keys", "prefix_ids", "all") if k in body]
+    unknown = set(body) - {"tags", "keys", "prefix_ids", "all", "soft"}
+    if unknown:
+        raise BadRequest(f"Unknown field(s) {sorted(unknown)}", param=min(unknown))
+    if len(kinds) != 1:
+        raise BadRequest("Give exactly one of 'tags', 'keys', 'prefix_ids' or 'all'")
+    soft = body.get("soft", False)
+    if not isinstance(soft, bool):
+        raise BadRequest("'soft' must be true or false", param="soft")
+    kind, value = kinds[0], body[kinds[0]]
+    if kind == "all":
+        if value is not True:
+            raise BadRequest("'all' must be true", param="all")
+        return Event(seq=0, created=now, source_id=source_id, purge_all=True, soft=soft)
+    if not isinstance(value, list) or not value or len(value) > (MAX_KEYS if kind == "keys" else MAX_TAGS):
+        raise BadRequest(f"'{kind}' must be a non-empty list of at most "
+                         f"{MAX_KEYS if kind == 'keys' else MAX_TAGS} items", param=kind)
+    if kind == "tags":
+        return Event(seq=0, created=now, source_id=source_id, tags=frozenset(validate_tag(t) for t in value),
+                     soft=soft)
+    if kind == "prefix_ids":
+        return Event(seq=0, created=now, source_id=source_id, soft=soft,
+                     tags=frozenset(prefix_tag(validate_prefix_id(p, param="prefix_ids")) for p in value))
+    try:
+        keys = frozenset(bytes.fromhex(k) for k in value if isinstance(k, str) and len(k) == 32)
+    except ValueError:
+        keys = frozenset()
+    if len(keys) != len(set(value)):
+        raise BadRequest("'keys' must be cache keys of 32 hex digits (see Cache-Status)", param="keys")
+    return Event(seq=0, created=now, source_id=source_id, keys=keys, soft=soft)
+
+
+async def _purge(request: web.Request) -> web.Response:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    source_id = request.headers.get("Idempotency-Key") or f"purge-{uuid.uuid4().hex}"
+    if len(source_id) > 200:
+        raise BadRequest("Idempotency-Key is longer than 200 characters", param="Idempotency-Key")
+    event = _purge_event(body, source_id, time.time())
+    stored, new = await request.app[EVENTS].append(event)
+    return web.Response(body=orjson.dumps({"seq": stored.seq, "new": new, "event": event_json(stored)}),
+                        content_type="application/json")
+
+
+async def _events(request: web.Request) -> web.Response:
+    feed = request.app[EVENTS]
+    try:
+        after = int(request.query.get("after", "0"))
+        timeout = min(float(request.query.get("timeout", "0")), MAX_WAIT_S)
+    except ValueError:
+        raise BadRequest("'after' must be a sequence number and 'timeout' seconds") from None
+    changed = feed.changed()
+    events = await asyncio.to_thread(feed.log.since, after)
+    if not events and timeout > 0:
+        await feed.wait(changed, timeout)
+        events = await asyncio.to_thread(feed.log.since, after)
+    first, last = await asyncio.to_thread(lambda: (feed.log.first_seq, feed.log.last_seq))
+    return web.Response(body=orjson.dumps({"events": [event_json(e) for e in events], "first_seq": first,
+                                           "last_seq": last}), content_type="application/json")
+
+
+def add_purge_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/purge", _purge)
+    app.router.add_get("/v1/events", _events)
