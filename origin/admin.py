@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,8 +19,10 @@ import orjson
 from aiohttp import web
 
 from edgecache.errors import BadRequest, NotFound
-from edgecache.prefix import Prefix, make_prefix, validate_prefix_id
+from edgecache.events import Event, PrefixChange
+from edgecache.prefix import Prefix, make_prefix, prefix_tag, validate_prefix_id
 from origin.prefixes import PrefixRegistry
+from origin.purge import EVENTS
 
 __all__ = ["MAX_PREFIX_BYTES", "REGISTRY", "WARMER", "add_prefix_routes"]
 
@@ -49,6 +52,9 @@ async def _put(request: web.Request) -> web.Response:
     changed = await asyncio.to_thread(registry.put, prefix)
     current = registry.get(prefix.id)
     assert current is not None
+    if changed:   # edges learn the new version from the stream (old-version keys no longer match)
+        await _announce(request, PrefixChange(current.id, current.version, current.tags,
+                                              len(current.text.encode())))
     warmed: list[str] = []
     if changed and request.app.get(WARMER) is not None:
         warmed = await request.app[WARMER](current)
@@ -76,7 +82,18 @@ async def _get(request: web.Request) -> web.Response:
 async def _delete(request: web.Request) -> web.Response:
     prefix = _lookup(request)
     await asyncio.to_thread(request.app[REGISTRY].delete, prefix.id)
+    await _announce(request, PrefixChange(prefix.id, None))
     return _json({"id": prefix.id, "deleted": True})
+
+
+async def _announce(request: web.Request, change: PrefixChange) -> None:
+    feed = request.app.get(EVENTS)
+    if feed is not None:
+        # A deleted prefix's answers are purged to free their space; an updated prefix's old
+        # answers need no purge: their keys carry the old version and can never match again.
+        tags = frozenset({prefix_tag(change.id)}) if change.version is None else frozenset()
+        await feed.append(Event(seq=0, created=time.time(), source_id=f"prefix-{uuid.uuid4().hex}",
+                                tags=tags, prefixes=(change,)))
 
 
 def add_prefix_routes(app: web.Application) -> None:

@@ -28,6 +28,7 @@ from edgecache.prefix import Prefix, expand, route_text
 from origin.admin import MAX_PREFIX_BYTES, REGISTRY, WARMER, add_prefix_routes
 from origin.backends import BackendPool
 from origin.eventlog import EventLog
+from origin.hooks import WEBHOOK_SECRET, add_hook_routes
 from origin.prefixes import PrefixRegistry
 from origin.purge import EVENTS, EventFeed, add_purge_routes
 
@@ -96,6 +97,8 @@ def _authorize(request: web.Request) -> None:
     if request.path in _PUBLIC:
         return
     auth = request.app[CONFIG].auth
+    if request.path == "/hooks/cms":
+        return   # signed: the handler verifies the Standard Webhooks signature
     if request.path == "/v1/purge":
         if _bearer_is(request, auth.admin_token):
             return
@@ -265,6 +268,8 @@ def create_origin_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_origin_state)
     add_prefix_routes(app)
     add_purge_routes(app)
+    app[WEBHOOK_SECRET] = config.auth.webhook_secret
+    add_hook_routes(app)
     app.router.add_post("/v1/chat/completions", _forward)
     app.router.add_post("/v1/completions", _forward)
     app.router.add_get("/v1/models", _models)

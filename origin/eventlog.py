@@ -60,6 +60,12 @@ class EventLog:
                 raise
             return stored, True
 
+    def find(self, source_id: str) -> Event | None:
+        """The event recorded for a delivery id, if the log still holds it."""
+        with self._lock:
+            row = self._db.execute("SELECT data FROM events WHERE source_id = ?", (source_id,)).fetchone()
+        return Event.from_bytes(row[0]) if row else None
+
     def since(self, seq: int, limit: int = 1000) -> list[Event]:
         """Events after ``seq``, in order, at most ``limit``."""
         with self._lock:

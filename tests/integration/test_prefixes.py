@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import aiohttp
@@ -125,7 +126,7 @@ async def test_unknown_prefix_is_a_400_naming_it(stack: Stack) -> None:
 
 
 async def test_updated_prefix_never_serves_the_answer_built_on_the_old_text(make_stack) -> None:
-    stack = await make_stack(node_overrides={"prefix_refresh_s": 3600.0})   # only the lazy paths refresh
+    stack = await make_stack(node_overrides={"prefix_refresh_s": 3600.0})   # only the stream refreshes
     edge = stack.edges["us-east"]
     request = {"model": "sim-llm", "messages": QUESTION, "prefix": "returns"}
     auth = {"Authorization": "Bearer k"}
@@ -133,13 +134,22 @@ async def test_updated_prefix_never_serves_the_answer_built_on_the_old_text(make
     status, old = await call("POST", edge + "/v1/chat/completions", request, auth)
     assert status == 200
     await put_prefix(stack, "returns", "A completely different policy.")
-    # The edge's replica still has the old version: the origin refuses to expand under it.
-    status, refused = await call("POST", edge + "/v1/chat/completions", {**request, "temperature": 0}, auth)
-    assert status == 400 and refused["error"]["code"] == "prefix_version_mismatch"
     state = stack.servers["us-east"].app[NODE]
-    await state.prefixes.refresh()
+    async with asyncio.timeout(10):   # the edge learns the new version from the invalidation stream
+        while state.prefixes.prefixes["returns"].version != prefix_version("A completely different policy."):
+            await state.events.progress.wait()
     status, new = await call("POST", edge + "/v1/chat/completions", request, auth)
     assert status == 200 and new["choices"][0]["message"]["content"] != old["choices"][0]["message"]["content"]
+
+
+async def test_origin_refuses_to_expand_a_prefix_under_a_stale_version(stack: Stack) -> None:
+    await put_prefix(stack, "returns", POLICY)
+    await put_prefix(stack, "returns", "A completely different policy.")
+    status, refused = await call("POST", stack.origin_url + "/v1/chat/completions",
+                                 {"model": "sim-llm", "messages": QUESTION, "prefix": "returns"},
+                                 {"Authorization": f"Bearer {NODE_TOKEN}",
+                                  "X-EdgeCache-Prefix-Version": prefix_version(POLICY)})
+    assert status == 400 and refused["error"]["code"] == "prefix_version_mismatch"
 
 
 async def test_entries_built_on_a_prefix_carry_its_tags(stack: Stack) -> None:
