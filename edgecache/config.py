@@ -218,6 +218,8 @@ class NodeConfig:
     origin_timeout_s: longest wait for the origin's first byte or between stream chunks (120).
     workers: processes serving the port with SO_REUSEPORT (1).
     prefix_refresh_s: how often the replica of the prefix registry is refreshed (5).
+    max_staleness_s: a node that has not heard from the invalidation stream for this long stops
+    serving tagged entries until it has caught up (60).
     """
 
     region: str
@@ -233,6 +235,7 @@ class NodeConfig:
     origin_timeout_s: float = 120.0
     workers: int = 1
     prefix_refresh_s: float = 5.0
+    max_staleness_s: float = 60.0
     origin_url: str = "http://127.0.0.1:8100"
     node_token: str = "dev-node-token"
     tenants: tuple[TenantConfig, ...] = ()

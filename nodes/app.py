@@ -168,6 +168,10 @@ class NodeState:
                 self.prefixes.apply(PrefixInfo(change["id"], change["version"], frozenset(change["tags"]),
                                                change["bytes"]))
 
+    def fenced(self) -> bool:
+        """Tagged entries may not be served: the invalidation stream has been silent too long."""
+        return self.events is not None and self.events.fenced()
+
     def tier_stats(self, tier: str) -> tuple[int, int]:
         if tier == "memory":
             return len(self.memory), self.memory.bytes
@@ -285,6 +289,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     found, tier = await _exact_lookup(state, req, now)
 
     match decide(req.cc, found, now):
+        case Hit(entry) if entry.tags and state.fenced():
+            fwd, result = "miss; detail=fenced", "miss"   # tagged answers wait until the stream is back
         case Hit(entry):
             status = (f'edgecache-{region}; hit; detail={tier}; ttl={int(entry.expires_at() - now)}; '
                       f'key="{req.key.hex()}"')
@@ -298,7 +304,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
             fwd, result = "miss", "miss"
 
     query = vector = None
-    if result == "miss" and state.semantic is not None \
+    if fwd == "miss" and state.semantic is not None \
             and request.headers.get("X-EdgeCache-Semantic", "").lower() != "off":
         query = semantic_query(req.endpoint, req.parsed(), req.scope,
                                max_chars=state.config.semantic.max_query_chars)
@@ -358,7 +364,9 @@ async def _from_disk(state: NodeState, key: bytes, now: float) -> Entry | None:
 async def _fetch(state: NodeState, key: bytes, now: float) -> Entry | None:
     """A fresh entry by key from either tier, for the semantic tier's neighbours."""
     found = state.memory.get(key, now) or await _from_disk(state, key, now)
-    return found if found is not None and found.is_fresh(now) else None
+    if found is None or not found.is_fresh(now) or (found.tags and state.fenced()):
+        return None
+    return found
 
 
 def _start_fill(state: NodeState, path: str, req: _Request, query: SemanticQuery | None,
@@ -509,7 +517,8 @@ async def _healthz(request: web.Request) -> web.Response:
         "waiters": sum(f.waiters for f in state.inflight.values()),
         "semantic": state.semantic.health() if state.semantic else {"status": state.semantic_status},
         "invalidation": {"applied_seq": state.events.applied if state.events else 0,
-                         "connected": bool(state.events and state.events.connected)},
+                         "connected": bool(state.events and state.events.connected),
+                         "fenced": state.fenced()},
     })
 
 
@@ -539,7 +548,7 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     state.semantic, state.semantic_status = await open_semantic_tier(
         config.semantic, config.data_dir, disk.keys, worker=app[WORKER])
     state.events = EventFollower(session, config.node_token, config.data_dir, state.apply_event,
-                                 state.purge_all)
+                                 state.purge_all, max_staleness_s=config.max_staleness_s)
     await state.events.start()
     try:   # catch up before serving, when the origin can be reached
         while await state.events.poll_once(0):

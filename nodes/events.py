@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ class EventFollower:
 
     def __init__(self, session: aiohttp.ClientSession, token: str, directory: str,
                  apply: Callable[[dict[str, Any]], Awaitable[None]],
-                 purge_all: Callable[[], Awaitable[None]]) -> None:
+                 purge_all: Callable[[], Awaitable[None]], *, max_staleness_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session
         self._headers = {"Authorization": f"Bearer {token}"}
         self._path = Path(directory) / "applied_seq"
@@ -35,6 +37,9 @@ class EventFollower:
         self._purge_all = purge_all
         self.applied = 0
         self.connected = False
+        self.max_staleness_s = max_staleness_s
+        self.clock = clock
+        self.last_contact: float | None = None   # when the origin last answered (clock seconds)
         self.progress = asyncio.Event()   # set whenever ``applied`` moves (tests and /healthz)
 
     def _load(self) -> int:
@@ -60,6 +65,7 @@ class EventFollower:
             resp.raise_for_status()
             page = orjson.loads(await resp.read())
         self.connected = True
+        self.last_contact = self.clock()
         if page["first_seq"] > self.applied + 1 and page["last_seq"] > self.applied:
             log.warning("the origin's event log starts at %d, after %d: purging everything",
                         page["first_seq"], self.applied)
@@ -80,7 +86,13 @@ class EventFollower:
         self.progress.set()
         self.progress = asyncio.Event()
 
+    def fenced(self) -> bool:
+        """True when the stream has been silent longer than ``max_staleness_s``: tagged entries
+        may have been purged meanwhile, so they must not be served until the edge catches up."""
+        return self.last_contact is None or self.clock() - self.last_contact > self.max_staleness_s
+
     async def follow(self, wait_s: float = 20.0, retry_s: float = 1.0) -> None:
+        wait_s = min(wait_s, self.max_staleness_s / 3)   # every answer, even an empty one, is a heartbeat
         while True:
             try:
                 await self.poll_once(wait_s)

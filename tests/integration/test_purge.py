@@ -109,3 +109,23 @@ async def test_an_edge_that_was_down_catches_up_before_serving(make_stack, tmp_p
             assert (await r.json())["invalidation"]["applied_seq"] == answer["seq"]
     finally:
         await restarted.close()
+
+
+async def test_an_edge_that_lost_the_stream_stops_serving_tagged_entries(stack: Stack) -> None:
+    from nodes.app import NODE
+
+    edge = stack.edges["us-east"]
+    untagged = {**CHAT, "messages": [{"role": "user", "content": "Where is your office?"}]}
+    await ask(edge, {"Cache-Tag": "doc:5"})
+    async with aiohttp.ClientSession() as s, s.post(edge + "/v1/chat/completions", json=untagged) as r:
+        assert r.status == 200
+    follower = stack.servers["us-east"].app[NODE].events
+    heard = follower.clock()
+    follower.clock = lambda: heard + follower.max_staleness_s + 1   # the stream has been silent too long
+    status, cache_status = await ask(edge)
+    assert status == 200 and "fwd=miss; detail=fenced" in cache_status
+    async with aiohttp.ClientSession() as s:
+        async with s.post(edge + "/v1/chat/completions", json=untagged) as r:
+            assert "; hit;" in r.headers["Cache-Status"]    # untagged answers cannot have been purged
+        async with s.get(edge + "/healthz") as r:
+            assert (await r.json())["invalidation"]["fenced"] is True
