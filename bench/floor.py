@@ -9,7 +9,6 @@ gap between it and the edge row is the cost of the edge's own work on a hit.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from types import TracebackType
 from aiohttp import web
 
 from bench.stack import StackError, free_port, listening_sockets
+from edgecache.cli import run_app
 
 __all__ = ["FloorServer", "create_floor_app", "main"]
 
@@ -44,25 +44,8 @@ def create_floor_app(body: bytes) -> web.Application:
 
 
 def _serve(port: int, body: bytes) -> None:
-    async def serve() -> None:
-        runner = web.AppRunner(create_floor_app(body), access_log=None, handler_cancellation=True)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=1024).start()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    try:
-        import uvloop
-        factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve())
+    """Serve the floor exactly as ``edgecache node`` serves an edge (same loop, runner, socket)."""
+    run_app(lambda: create_floor_app(body), "127.0.0.1", port, reuse_port=True)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 from edgecache.config import Config, load_config
 from edgecache.errors import ConfigError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run_app"]
 
 DEFAULT_TOPOLOGY = Path("deploy/local.toml")
 
@@ -41,7 +41,7 @@ def _topology(path: str | None) -> Config:
     return load_config(path, os.environ)
 
 
-def _run_app(app_factory, host: str, port: int, *, reuse_port: bool = False, listening=None) -> None:
+def run_app(app_factory, host: str, port: int, *, reuse_port: bool = False, listening=None) -> None:
     """Serve one aiohttp application until SIGINT/SIGTERM, on uvloop where available.
 
     ``listening``: a shared counter incremented once the socket accepts connections.
@@ -79,7 +79,7 @@ def _cmd_origin(args: argparse.Namespace) -> int:
 
     config = _topology(args.topology)
     port = args.port or config.origin.port
-    _run_app(lambda: create_origin_app(config), config.origin.host, port)
+    run_app(lambda: create_origin_app(config), config.origin.host, port)
     return 0
 
 
@@ -91,7 +91,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     if args.port:
         node = replace(node, port=args.port)
     if node.workers == 1:
-        _run_app(lambda: create_app(node), node.host, node.port)
+        run_app(lambda: create_app(node), node.host, node.port)
         return 0
     # Several processes share the port (SO_REUSEPORT) and the disk tier; each has its own memory tier.
     import multiprocessing
@@ -100,7 +100,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     # /healthz says "starting" until every worker listens: a keep-alive client (or a load
     # balancer) that connects earlier would otherwise stick to the first worker.
     listening = ctx.Value("i", 0)
-    procs = [ctx.Process(target=_run_app, args=(_NodeFactory(node, listening, i), node.host, node.port),
+    procs = [ctx.Process(target=run_app, args=(_NodeFactory(node, listening, i), node.host, node.port),
                          kwargs={"reuse_port": True, "listening": listening}, daemon=False)
              for i in range(node.workers)]
     for p in procs:
@@ -132,7 +132,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
     config = _topology(args.topology)
     port = args.port or config.sim.base_port + args.index
-    _run_app(lambda: create_sim_app(config.sim), config.sim.host, port)
+    run_app(lambda: create_sim_app(config.sim), config.sim.host, port)
     return 0
 
 
