@@ -118,14 +118,16 @@ class _Request:
 
     @property
     def scope(self) -> Scope:
-        if self.prefix is None:
-            return Scope(self.tenant)
-        return Scope(self.tenant, self.prefix.id, self.prefix.version)
+        return _scope(self.tenant, self.prefix)
 
     def parsed(self) -> dict[str, Any]:
         if self.body is None:
             self.body = _parse(self.raw)
         return self.body
+
+
+def _scope(tenant: str, prefix: PrefixInfo | None) -> Scope:
+    return Scope(tenant) if prefix is None else Scope(tenant, prefix.id, prefix.version)
 
 
 async def _read_request(request: web.Request, state: NodeState) -> _Request:
@@ -143,8 +145,7 @@ async def _read_request(request: web.Request, state: NodeState) -> _Request:
             prefix = await state.prefixes.lookup(prefix_id)
             if prefix is None:
                 raise UnknownPrefix(f"Unknown prefix {prefix_id!r}", param="prefix")
-        scope = Scope(tenant) if prefix is None else Scope(tenant, prefix.id, prefix.version)
-        key = cache_key(endpoint, body, scope).digest    # validates the request's shape
+        key = cache_key(endpoint, body, _scope(tenant, prefix)).digest    # validates the request's shape
         stream = body.get("stream") is True
         options = body.get("stream_options")
         include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
@@ -171,9 +172,10 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     now = time.time()
     found, tier = await _exact_lookup(state, req, now)
 
+    detail = ""
     match decide(req.cc, found, now):
         case Hit(entry) if entry.tags and state.fenced():
-            fwd, result = "miss; detail=fenced", "miss"   # tagged answers wait until the stream is back
+            fwd, result, detail = "miss", "miss", "; detail=fenced"   # tagged answers wait for the stream
         case Hit(entry):
             status = (f'edgecache-{region}; hit; detail={tier}; ttl={int(entry.expires_at() - now)}; '
                       f'key="{req.key.hex()}"')
@@ -202,7 +204,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
                 state.metrics.observe(req.endpoint, "semantic_hit", time.perf_counter() - started)
                 return _replay(entry, req.stream, req.include_usage, status, now)
 
-    base = f'edgecache-{region}; fwd={fwd}; key="{req.key.hex()}"'
+    base = f'edgecache-{region}; fwd={fwd}{detail}; key="{req.key.hex()}"'
     if req.cc.only_if_cached:
         request[CACHE_STATUS] = f"{base}; detail=only-if-cached"
         state.metrics.observe(req.endpoint, "error", time.perf_counter() - started)
