@@ -45,6 +45,7 @@ from edgecache.webhook import parse_secret
 __all__ = [
     "AuthConfig",
     "BackendConfig",
+    "BusConfig",
     "Config",
     "NodeConfig",
     "OriginConfig",
@@ -205,6 +206,28 @@ class SemanticConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BusConfig:
+    """How invalidation events travel from the origin to every edge (see docs/invalidation.md).
+
+    kind: ``embedded`` (default: edges long-poll the origin's log over HTTP) or ``nats``
+    (a NATS JetStream stream; each edge worker a durable consumer).
+    nats_url: server(s), comma-separated (``nats://127.0.0.1:4222``). Env ``EDGECACHE_NATS_URL``.
+    stream: JetStream stream name (``EDGECACHE``). subject: subject of the events
+    (``edgecache.events``); heartbeats and applied reports use ``<subject>.heartbeat`` and
+    ``<subject>.applied``.
+    heartbeat_s: how often the origin tells the bus it is alive (2).
+    wait_timeout_s: ``?wait=true`` gives up after this long unless the request says less (10).
+    """
+
+    kind: str = "embedded"
+    nats_url: str = "nats://127.0.0.1:4222"
+    stream: str = "EDGECACHE"
+    subject: str = "edgecache.events"
+    heartbeat_s: float = 2.0
+    wait_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """One edge node.
 
@@ -240,6 +263,7 @@ class NodeConfig:
     node_token: str = "dev-node-token"
     tenants: tuple[TenantConfig, ...] = ()
     semantic: SemanticConfig = SemanticConfig()
+    bus: BusConfig = BusConfig()
 
     @property
     def base_url(self) -> str:
@@ -257,6 +281,7 @@ class Config:
     edges: tuple[NodeConfig, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
     semantic: SemanticConfig = SemanticConfig()
+    bus: BusConfig = BusConfig()
     source: str = "<defaults>"
 
     def sim_urls(self) -> list[str]:
@@ -327,7 +352,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: str = "<config>",
                  base_dir: Path | None = None) -> Config:
     """Turn a parsed TOML document into a ``Config``; ``environ`` overrides secrets."""
-    allowed = {"auth", "origin", "sim", "backends", "edges", "tenants", "semantic"}
+    allowed = {"auth", "origin", "sim", "backends", "edges", "tenants", "semantic", "bus"}
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"{source}: unknown section {key!r} (expected one of {', '.join(sorted(allowed))})")
@@ -366,16 +391,27 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
         raise ConfigError(f"{source}: semantic.max_false_hit_rate: expected a rate between 0 and 1")
     if semantic.candidates < 1 or semantic.max_batch < 1 or semantic.max_queue < 1:
         raise ConfigError(f"{source}: semantic: candidates, max_batch and max_queue must be >= 1")
+    bus = _build(BusConfig, raw.get("bus", {}), f"{source}: bus")
+    if environ.get("EDGECACHE_NATS_URL"):
+        bus = replace(bus, nats_url=environ["EDGECACHE_NATS_URL"])
+    if bus.kind not in ("embedded", "nats"):
+        raise ConfigError(f"{source}: bus.kind: expected embedded or nats, got {bus.kind!r}")
+    if not all(u.strip().startswith(("nats://", "tls://", "ws://", "wss://")) for u in bus.nats_url.split(",")):
+        raise ConfigError(f"{source}: bus.nats_url: expected nats:// URL(s), got {bus.nats_url!r}")
+    if not bus.stream.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"{source}: bus.stream: letters, digits, '-' and '_' only, got {bus.stream!r}")
+    if not bus.subject or any(c in bus.subject for c in " *>") or bus.heartbeat_s <= 0:
+        raise ConfigError(f"{source}: bus: subject must be a plain subject and heartbeat_s positive")
     edges = []
     for i, e in enumerate(_list(raw, "edges", source)):
         where = f"{source}: edges[{i}]"
         if not isinstance(e, Mapping) or not isinstance(e.get("region"), str) or not e["region"]:
             raise ConfigError(f"{where}.region: required (a non-empty string)")
-        for key in ("origin_url", "node_token", "tenants", "semantic"):
+        for key in ("origin_url", "node_token", "tenants", "semantic", "bus"):
             if key in e:
                 raise ConfigError(f"{where}.{key}: unknown key (set by the topology)")
         edge = _build(NodeConfig, e, where, origin_url=origin.base_url, node_token=auth.node_token,
-                      tenants=tenants, semantic=semantic)
+                      tenants=tenants, semantic=semantic, bus=bus)
         if not edge.data_dir:
             edge = replace(edge, data_dir=str((base_dir or Path.cwd()) / "var" / edge.region))
         if edge.workers < 1:
@@ -385,7 +421,7 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
     if len(set(regions)) != len(regions):
         raise ConfigError(f"{source}: edges: regions must be unique, got {regions}")
     return Config(auth=auth, origin=origin, sim=sim, backends=backends, edges=tuple(edges),
-                  tenants=tenants, semantic=semantic, source=source)
+                  tenants=tenants, semantic=semantic, bus=bus, source=source)
 
 
 def _list(raw: Mapping[str, Any], key: str, source: str) -> list[Any]:
