@@ -18,6 +18,9 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from edgecache.bus.base import BusError, edge_id
+from edgecache.bus.embedded import HttpSubscription
+from edgecache.bus.nats import NatsSubscription
 from edgecache.config import NodeConfig
 from edgecache.entry import Entry
 from edgecache.errors import (
@@ -432,14 +435,18 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     state.prefixes = PrefixReplica(session, config.node_token, on_change=state.memo.clear)
     state.semantic, state.semantic_status = await open_semantic_tier(
         config.semantic, config.data_dir, disk.keys, worker=app[WORKER])
-    state.events = EventFollower(session, config.node_token, config.data_dir, state.apply_event,
-                                 state.purge_all, max_staleness_s=config.max_staleness_s)
+    me = edge_id(config.region, app[WORKER])
+    over_http = HttpSubscription(session, config.node_token, me, config.max_staleness_s)
+    subscription = (over_http if config.bus.kind == "embedded"
+                    else NatsSubscription(config.bus, me, config.max_staleness_s, repair=over_http))
+    state.events = EventFollower(subscription, config.data_dir, state.apply_event, state.purge_all,
+                                 max_staleness_s=config.max_staleness_s, heartbeat_s=config.bus.heartbeat_s)
     await state.events.start()
     try:   # catch up before serving, when the origin can be reached
         while await state.events.poll_once(0):
             pass
-    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
-        log.warning("could not catch up with the invalidation log at start: %r", exc)
+    except (BusError, ValueError, KeyError) as exc:
+        log.warning("could not catch up with the invalidation log at start: %s", exc)
     tasks = [asyncio.create_task(_sweep(state)),
              asyncio.create_task(state.prefixes.follow(config.prefix_refresh_s)),
              asyncio.create_task(state.events.follow())]
@@ -456,6 +463,7 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*state.writes, return_exceptions=True)
         if state.semantic is not None:
             await state.semantic.close()
+        await subscription.close()
         await session.close()
         await asyncio.to_thread(disk.close)
 

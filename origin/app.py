@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edgecache.bus.nats import NatsAnnouncer
 from edgecache.config import Config
 from edgecache.errors import (
     BadRequest,
@@ -245,14 +246,22 @@ async def _origin_state(app: web.Application) -> AsyncIterator[None]:
     app[REGISTRY] = registry
     events_dir = os.path.join(config.origin.data_dir, "events") if config.origin.data_dir else None
     log_ = await asyncio.to_thread(EventLog, events_dir)
-    app[EVENTS] = EventFeed(log_)
+    feed = app[EVENTS] = EventFeed(log_, wait_timeout_s=config.bus.wait_timeout_s)
+    announcer = None
+    if config.bus.kind == "nats":
+        announcer = NatsAnnouncer(config.bus, feed.since_payloads, feed.ping)
+        feed.on_append.append(announcer.wake)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             state = app[ORIGIN] = OriginState(config, session)
             await state.pool.start()
             try:
+                if announcer is not None:
+                    await announcer.start()
                 yield
             finally:
+                if announcer is not None:
+                    await announcer.close()
                 await state.pool.close()
     finally:
         await asyncio.to_thread(registry.close)

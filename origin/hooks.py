@@ -20,7 +20,7 @@ from edgecache.events import Event, PrefixChange
 from edgecache.prefix import make_prefix, prefix_tag, validate_prefix_id
 from edgecache.webhook import verify
 from origin.admin import MAX_PREFIX_BYTES, REGISTRY, WARMER
-from origin.purge import EVENTS, event_json
+from origin.purge import EVENTS, acknowledge
 
 __all__ = ["WEBHOOK_SECRET", "add_hook_routes"]
 
@@ -34,7 +34,7 @@ async def _cms(request: web.Request) -> web.Response:
     feed = request.app[EVENTS]
     earlier = await asyncio.to_thread(feed.log.find, msg_id)
     if earlier is not None:
-        return _reply(earlier, new=False)
+        return await acknowledge(request, earlier, new=False)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -64,12 +64,7 @@ async def _cms(request: web.Request) -> web.Response:
             current = registry.get(prefix.id)
             if current is not None and any(c.id == prefix.id and c.version for c in changes):
                 await warm(current)
-    return _reply(stored, new=new)
-
-
-def _reply(event: Event, *, new: bool) -> web.Response:
-    return web.Response(body=orjson.dumps({"seq": event.seq, "new": new, "event": event_json(event)}),
-                        content_type="application/json")
+    return await acknowledge(request, stored, new=new)
 
 
 def add_hook_routes(app: web.Application) -> None:

@@ -1,9 +1,12 @@
 """Invalidation at the origin: the admin purge API and the event stream edges follow.
 
-    POST /v1/purge   (admin token)  {"tags": [...]} | {"keys": [...]} | {"prefix_ids": [...]} | {"all": true},
-                                    optional "soft": true; an Idempotency-Key header makes retries safe.
-                                    Answer: {"seq": N, "applied_by_edges": "asynchronously"}
-    GET  /v1/events?after=N&timeout=S   (node token)  events after N, waiting up to S seconds for one
+    POST /v1/purge[?wait=true[&timeout=S]]   (admin token)
+         {"tags": [...]} | {"keys": [...]} | {"prefix_ids": [...]} | {"all": true}, optional "soft": true;
+         an Idempotency-Key header makes retries safe. Answer: {"seq": N, "new": bool, "event": {...}};
+         with wait=true also "edges": [{"edge", "applied_seq", "state"}] once every edge has applied
+         the event or fenced itself (200), or when the timeout passes first (202, "complete": false).
+    GET  /v1/events?after=N&timeout=S[&edge=ID&max_staleness_s=T]   (node token)
+         events after N, waiting up to S seconds for one; the edge's report rides along.
 """
 
 from __future__ import annotations
@@ -11,28 +14,35 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from edgecache.bus.base import Report
 from edgecache.errors import BadRequest
 from edgecache.events import Event
 from edgecache.prefix import prefix_tag, validate_prefix_id
 from edgecache.tags import MAX_TAGS, validate_tag
+from origin.edges import EdgeRegistry
 from origin.eventlog import EventLog
 
-__all__ = ["EVENTS", "EventFeed", "add_purge_routes", "event_json"]
+__all__ = ["EVENTS", "EventFeed", "acknowledge", "add_purge_routes", "event_json"]
 
 MAX_KEYS = 1000
 MAX_WAIT_S = 30.0
+MAX_ACK_WAIT_S = 120.0
 
 
 class EventFeed:
-    """The log plus a wake-up for long-polling readers."""
+    """The log, the edges that follow it, and a wake-up for long-polling readers and publishers."""
 
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, log: EventLog, *, edges: EdgeRegistry | None = None, wait_timeout_s: float = 10.0) -> None:
         self.log = log
+        self.edges = edges or EdgeRegistry()
+        self.wait_timeout_s = wait_timeout_s
+        self.on_append: list[Callable[[], None]] = []   # e.g. the NATS announcer's wake-up
         self._changed = asyncio.Event()
 
     async def append(self, event: Event) -> tuple[Event, bool]:
@@ -40,7 +50,22 @@ class EventFeed:
         if new:
             self._changed.set()
             self._changed = asyncio.Event()
+            for wake in self.on_append:
+                wake()
         return stored, new
+
+    async def bounds(self) -> dict[str, int]:
+        first, last = await asyncio.to_thread(lambda: (self.log.first_seq, self.log.last_seq))
+        return {"first_seq": first, "last_seq": last}
+
+    async def since_payloads(self, seq: int) -> list[tuple[int, bytes]]:
+        """(seq, JSON) of the events after ``seq``: what the NATS announcer publishes."""
+        return [(e.seq, orjson.dumps(event_json(e))) for e in await asyncio.to_thread(self.log.since, seq)]
+
+    async def ping(self, report: Report) -> dict[str, int]:
+        """An edge's heartbeat over NATS: note its report, answer with the log's bounds."""
+        self.edges.report(report)
+        return await self.bounds()
 
     def changed(self) -> asyncio.Event:
         """Set at the next append: take it before reading, so an append in between is not missed."""
@@ -63,6 +88,28 @@ def event_json(event: Event) -> dict[str, Any]:
             "prefixes": [{"id": p.id, "version": p.version, "tags": sorted(p.tags), "bytes": p.bytes}
                          for p in event.prefixes],
             "all": event.purge_all, "soft": event.soft}
+
+
+async def acknowledge(request: web.Request, event: Event, *, new: bool) -> web.Response:
+    """The answer to an accepted (or redelivered) change: its sequence number, and with
+    ``?wait=true`` what every edge has made of it (200 once all are safe, else 202)."""
+    body: dict[str, Any] = {"seq": event.seq, "new": new, "event": event_json(event)}
+    status = 200
+    wait = request.query.get("wait", "false")
+    if wait not in ("true", "false", "1", "0"):
+        raise BadRequest("'wait' must be true or false", param="wait")
+    if wait in ("true", "1"):
+        feed = request.app[EVENTS]
+        try:
+            timeout = float(request.query.get("timeout", feed.wait_timeout_s))
+        except ValueError:
+            raise BadRequest("'timeout' must be seconds", param="timeout") from None
+        if not 0 <= timeout <= MAX_ACK_WAIT_S:
+            raise BadRequest(f"'timeout' must be between 0 and {MAX_ACK_WAIT_S:g} seconds", param="timeout")
+        complete, edges = await feed.edges.wait(event.seq, timeout)
+        body.update(complete=complete, edges=edges)
+        status = 200 if complete else 202
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
 def _purge_event(body: object, source_id: str, now: float) -> Event:
@@ -110,8 +157,7 @@ async def _purge(request: web.Request) -> web.Response:
         raise BadRequest("Idempotency-Key is longer than 200 characters", param="Idempotency-Key")
     event = _purge_event(body, source_id, time.time())
     stored, new = await request.app[EVENTS].append(event)
-    return web.Response(body=orjson.dumps({"seq": stored.seq, "new": new, "event": event_json(stored)}),
-                        content_type="application/json")
+    return await acknowledge(request, stored, new=new)
 
 
 async def _events(request: web.Request) -> web.Response:
@@ -121,14 +167,20 @@ async def _events(request: web.Request) -> web.Response:
         timeout = min(float(request.query.get("timeout", "0")), MAX_WAIT_S)
     except ValueError:
         raise BadRequest("'after' must be a sequence number and 'timeout' seconds") from None
+    if "edge" in request.query:
+        try:
+            report = Report.from_json({"edge": request.query["edge"], "applied": after,
+                                       "max_staleness_s": float(request.query.get("max_staleness_s", ""))})
+        except ValueError as exc:
+            raise BadRequest(f"Bad edge report: {exc}", param="edge") from None
+        feed.edges.report(report)
     changed = feed.changed()
     events = await asyncio.to_thread(feed.log.since, after)
     if not events and timeout > 0:
         await feed.wait(changed, timeout)
         events = await asyncio.to_thread(feed.log.since, after)
-    first, last = await asyncio.to_thread(lambda: (feed.log.first_seq, feed.log.last_seq))
-    return web.Response(body=orjson.dumps({"events": [event_json(e) for e in events], "first_seq": first,
-                                           "last_seq": last}), content_type="application/json")
+    return web.Response(body=orjson.dumps({"events": [event_json(e) for e in events], **await feed.bounds()}),
+                        content_type="application/json")
 
 
 def add_purge_routes(app: web.Application) -> None:

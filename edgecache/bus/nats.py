@@ -1,0 +1,256 @@
+"""The NATS JetStream bus: the origin publishes its log to a stream; each edge worker is a
+durable pull consumer of it.
+
+- Stream ``BusConfig.stream`` on subject ``BusConfig.subject``, file storage, created by the origin
+  when missing. Each event is one message (``Event.to_json()`` as JSON) with ``Nats-Msg-Id``
+  ``<stream>:<seq>``, so a republished event is dropped by the server's de-duplication. At
+  start the origin republishes whatever its log holds beyond the stream's newest message (an
+  event appended while NATS was down is published once it is back).
+- Edge worker ``<region>/<worker>``: durable consumer ``edge_<region>_<worker>`` (explicit acks,
+  new messages only when first created: the edge catches up over HTTP at start). A restarted
+  edge resumes from its consumer's acknowledged position.
+- Heartbeats: each ``fetch`` first asks the origin ``<subject>.ping`` (core request/reply, the
+  origins answer as queue group ``origin``) with the edge's report; the answer carries the log's
+  first and last sequence. If JetStream has not delivered everything up to the last sequence
+  (consumer created late, stream trimmed, a publish lost), the gap is filled over HTTP from the
+  origin's log, so the edge never skips an event.
+
+Regions map onto NATS as leaf nodes of a hub (or clusters of a supercluster): see docs/deploy.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from edgecache.bus.base import Batch, BusError, Report, Subscription
+from edgecache.config import BusConfig
+
+__all__ = ["NatsAnnouncer", "NatsSubscription", "consumer_name", "ping_subject"]
+
+log = logging.getLogger("edgecache.bus.nats")
+
+CONNECT_TIMEOUT_S = 5.0
+PING_TIMEOUT_S = 5.0
+FETCH_BATCH = 256
+CATCH_UP_WAIT_S = 0.5          # how long JetStream gets to deliver what a ping says is missing
+STREAM_MAX_AGE_S = 7 * 86400.0
+STREAM_MAX_MSGS = 1_000_000
+DUPLICATE_WINDOW_S = 600.0
+CONSUMER_INACTIVE_S = 7 * 86400.0
+_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
+
+
+def ping_subject(config: BusConfig) -> str:
+    return f"{config.subject}.ping"
+
+
+def consumer_name(edge: str) -> str:
+    """A durable name NATS accepts: ``us-east/0`` -> ``edge_us-east_0``."""
+    return "edge_" + re.sub(r"[^A-Za-z0-9_-]", "_", edge)
+
+
+async def _connect(config: BusConfig, name: str) -> nats.NATS:
+    servers = [u.strip() for u in config.nats_url.split(",")]
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S * 2):
+            return await nats.connect(servers=servers, name=name, connect_timeout=CONNECT_TIMEOUT_S,
+                                      allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1.0)
+    except (*_NATS_ERRORS, nats.errors.NoServersError) as exc:
+        raise BusError(f"cannot connect to NATS at {config.nats_url}: {exc!r}") from exc
+
+
+class NatsAnnouncer:
+    """The origin's side: publishes every event of the log, answers the edges' pings.
+
+    ``read_since(seq)`` returns ``(seq, payload)`` pairs after ``seq`` from the log;
+    ``on_ping(report)`` records an edge's report and returns ``{"first_seq", "last_seq"}``.
+    """
+
+    def __init__(self, config: BusConfig, read_since: Callable[[int], Awaitable[list[tuple[int, bytes]]]],
+                 on_ping: Callable[[Report], Awaitable[dict[str, int]]]) -> None:
+        self.config = config
+        self._read_since = read_since
+        self._on_ping = on_ping
+        self._nc: nats.NATS | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0            # the newest sequence the stream holds
+        self.ready = asyncio.Event()  # set while connected and publishing
+
+    async def start(self) -> None:
+        """Connect and publish in the background, retrying while NATS cannot be reached: the
+        origin keeps serving fills meanwhile (edges that cannot ping it fence themselves)."""
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self, retry_s: float = 1.0) -> None:
+        while True:
+            try:
+                await self._connect()
+                await self._pump()
+            except BusError as exc:
+                log.warning("NATS bus: %s; retrying", exc)
+            except _NATS_ERRORS as exc:
+                log.warning("NATS bus: %r; retrying", exc)
+            await self._disconnect()
+            await asyncio.sleep(retry_s)
+
+    async def _connect(self) -> None:
+        self._nc = await _connect(self.config, "edgecache-origin")
+        js = self._nc.jetstream()
+        try:
+            await js.stream_info(self.config.stream)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(StreamConfig(
+                name=self.config.stream, subjects=[self.config.subject], storage=StorageType.FILE,
+                max_age=STREAM_MAX_AGE_S, max_msgs=STREAM_MAX_MSGS, discard=DiscardPolicy.OLD,
+                duplicate_window=DUPLICATE_WINDOW_S))
+        try:
+            last = await js.get_last_msg(self.config.stream, self.config.subject)
+            self.published = int(orjson.loads(last.data)["seq"])
+        except nats.js.errors.NotFoundError:
+            self.published = 0
+        await self._nc.subscribe(ping_subject(self.config), queue="origin", cb=self._ping)
+        self.ready.set()
+
+    def wake(self) -> None:
+        """A new event is in the log."""
+        self._wake.set()
+
+    async def _pump(self) -> None:
+        assert self._nc is not None
+        js = self._nc.jetstream()
+        self._wake.set()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            for seq, payload in await self._read_since(self.published):
+                await js.publish(self.config.subject, payload, stream=self.config.stream,
+                                 headers={"Nats-Msg-Id": f"{self.config.stream}:{seq}"})
+                self.published = seq
+
+    async def _disconnect(self) -> None:
+        self.ready.clear()
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            try:
+                await nc.close()
+            except _NATS_ERRORS:
+                pass
+
+    async def _ping(self, msg: Any) -> None:
+        try:
+            report = Report.from_json(orjson.loads(msg.data))
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            await msg.respond(orjson.dumps({"error": str(exc)}))
+            return
+        await msg.respond(orjson.dumps(await self._on_ping(report)))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._disconnect()
+
+
+class NatsSubscription:
+    """An edge worker's side. ``repair`` reads the origin's log over HTTP to fill gaps."""
+
+    def __init__(self, config: BusConfig, edge: str, max_staleness_s: float, repair: Subscription) -> None:
+        self.config = config
+        self.edge = edge
+        self.max_staleness_s = max_staleness_s
+        self._repair = repair
+        self._nc: nats.NATS | None = None
+        self._sub: Any = None
+        self._unacked: list[tuple[int, Any]] = []
+        self.stats = {"delivered": 0, "repaired": 0}   # events that came through NATS / over HTTP
+
+    async def start(self) -> None:
+        self._nc = await _connect(self.config, f"edgecache-edge-{self.edge}")
+        try:
+            self._sub = await self._nc.jetstream().pull_subscribe(
+                self.config.subject, durable=consumer_name(self.edge), stream=self.config.stream,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT,
+                                      ack_wait=30.0, max_ack_pending=10_000,
+                                      inactive_threshold=CONSUMER_INACTIVE_S))
+        except _NATS_ERRORS as exc:
+            await self.close()
+            raise BusError(f"cannot subscribe to stream {self.config.stream}: {exc!r}") from exc
+
+    async def fetch(self, after: int, wait_s: float) -> Batch:
+        if self._nc is None or self._sub is None:
+            await self.start()
+        assert self._nc is not None
+        report = Report(self.edge, after, self.max_staleness_s)
+        try:
+            answer = orjson.loads((await self._nc.request(ping_subject(self.config), orjson.dumps(report.to_json()),
+                                                          timeout=PING_TIMEOUT_S)).data)
+            first, last = int(answer["first_seq"]), int(answer["last_seq"])
+        except (*_NATS_ERRORS, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise BusError(f"ping to the origin over NATS: {exc!r}") from exc
+        found: dict[int, dict[str, Any]] = {}
+        try:
+            msgs = await self._sub.fetch(batch=FETCH_BATCH, timeout=wait_s if after >= last else CATCH_UP_WAIT_S)
+        except nats.errors.TimeoutError:
+            msgs = []
+        except _NATS_ERRORS as exc:
+            raise BusError(f"fetching from stream {self.config.stream}: {exc!r}") from exc
+        for msg in msgs:
+            try:
+                event = orjson.loads(msg.data)
+                seq = int(event["seq"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.error("dropping a malformed message on %s", self.config.subject)
+                await msg.term()
+                continue
+            self._unacked.append((seq, msg))
+            if seq > after:
+                found[seq] = event
+        self.stats["delivered"] += len(found)
+        wanted = max([last, *found])
+        if any(s not in found for s in range(after + 1, min(wanted, after + FETCH_BATCH) + 1)):
+            repaired = await self._repair.fetch(after, 0)
+            for event in repaired.events:
+                if event["seq"] not in found:
+                    self.stats["repaired"] += 1
+                found.setdefault(event["seq"], event)
+            first, last = repaired.first_seq or first, max(last, repaired.last_seq)
+        run, seq = [], after + 1
+        while seq in found:
+            run.append(found[seq])
+            seq += 1
+        return Batch(events=run, first_seq=first, last_seq=last)
+
+    async def acknowledge(self, applied: int) -> None:
+        done = [m for s, m in self._unacked if s <= applied]
+        self._unacked = [(s, m) for s, m in self._unacked if s > applied]
+        for msg in done:
+            try:
+                await msg.ack()
+            except _NATS_ERRORS as exc:   # redelivered later and skipped: harmless
+                log.warning("ack to NATS: %r", exc)
+
+    async def close(self) -> None:
+        nc, self._nc, self._sub = self._nc, None, None
+        if nc is not None:
+            try:
+                await nc.close()
+            except _NATS_ERRORS:
+                pass

@@ -1,0 +1,86 @@
+"""Which edges follow the log, what each has applied, and waiting until all have applied an event.
+
+Every fetch of the bus carries an edge's ``Report`` (embedded: the ``GET /v1/events`` query;
+NATS: the ping), and the origin notes it as the fetch arrives. An edge's staleness clock counts
+from when its latest fetch *began* (``nodes/events.py``), which is before the origin heard it: so
+an edge is *safe* for event ``seq`` once it reported ``applied >= seq``, or once
+``max_staleness_s`` has passed since the origin last heard it — by then it has either reported
+catching up or stopped serving tagged entries. ``wait(seq)`` returns when every known edge
+is safe (``?wait=true`` on the webhook and the purge API).
+
+Bounded: at most ``max_edges`` are remembered; one not heard from for ``forget_after_s`` is
+forgotten (it has long been fenced, and re-registers when it comes back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgecache.bus.base import Report
+
+__all__ = ["EdgeRegistry", "EdgeSeen"]
+
+
+@dataclass(slots=True)
+class EdgeSeen:
+    edge: str
+    applied: int
+    heard: float             # origin clock: when its latest fetch arrived
+    max_staleness_s: float
+
+    def state(self, seq: int, now: float) -> str:
+        if self.applied >= seq:
+            return "applied"
+        return "fenced" if now > self.heard + self.max_staleness_s else "pending"
+
+
+class EdgeRegistry:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_edges: int = 10_000,
+                 forget_after_s: float = 86400.0) -> None:
+        self.clock = clock
+        self.max_edges = max_edges
+        self.forget_after_s = forget_after_s
+        self._edges: dict[str, EdgeSeen] = {}
+        self._changed = asyncio.Event()
+
+    def report(self, report: Report) -> None:
+        """Note ``report`` as the fetch that carried it arrives."""
+        now = self.clock()
+        if self._edges.pop(report.edge, None) is None and len(self._edges) >= self.max_edges:
+            self._forget(now, force=True)
+        self._edges[report.edge] = EdgeSeen(report.edge, report.applied, now, report.max_staleness_s)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _forget(self, now: float, *, force: bool = False) -> None:
+        for name in [n for n, s in self._edges.items() if now - s.heard > self.forget_after_s]:
+            del self._edges[name]
+        if force and len(self._edges) >= self.max_edges:   # the least recently heard goes
+            del self._edges[next(iter(self._edges))]
+
+    def snapshot(self, seq: int) -> list[dict[str, Any]]:
+        now = self.clock()
+        self._forget(now)
+        return [{"edge": s.edge, "applied_seq": s.applied, "state": s.state(seq, now)}
+                for s in sorted(self._edges.values(), key=lambda s: s.edge)]
+
+    async def wait(self, seq: int, timeout_s: float) -> tuple[bool, list[dict[str, Any]]]:
+        """(every edge safe for ``seq``, each edge's state), after at most ``timeout_s``."""
+        deadline = self.clock() + timeout_s
+        while True:
+            changed = self._changed
+            edges = self.snapshot(seq)
+            pending = [e for e in edges if e["state"] == "pending"]
+            now = self.clock()
+            if not pending or now >= deadline:
+                return not pending, edges
+            fence_at = min(self._edges[e["edge"]].heard + self._edges[e["edge"]].max_staleness_s
+                           for e in pending)
+            try:   # wake at the next report, the next fence, or the deadline
+                await asyncio.wait_for(changed.wait(), max(0.0, min(deadline, fence_at) - now) + 0.001)
+            except TimeoutError:
+                pass
