@@ -46,6 +46,7 @@ class EventFollower:
         self.clock = clock
         self.last_contact: float | None = None   # the edge was current as of this time (clock seconds)
         self.progress = asyncio.Event()   # set whenever ``applied`` moves (tests and /healthz)
+        self.heard = asyncio.Event()      # set whenever ``last_contact`` moves
 
     def _load(self) -> int:
         try:
@@ -74,6 +75,8 @@ class EventFollower:
         applied = await self._take(batch)
         if self.applied >= batch.last_seq:
             self.last_contact = began if self.last_contact is None else max(self.last_contact, began)
+            self.heard.set()
+            self.heard = asyncio.Event()
         await self.subscription.acknowledge(self.applied)
         return applied
 

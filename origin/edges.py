@@ -10,6 +10,11 @@ is safe (``?wait=true`` on the webhook and the purge API).
 
 Bounded: at most ``max_edges`` are remembered; one not heard from for ``forget_after_s`` is
 forgotten (it has long been fenced, and re-registers when it comes back).
+
+Which edges exist (not what they applied) outlives an origin restart: ``members()`` is saved
+whenever it changes and handed back to ``restore`` at start, where each edge counts as heard
+just now with nothing applied — pending until it reports again or its bound has passed, so a
+restarted origin never acknowledges a purge that an edge it has not heard from yet may ignore.
 """
 
 from __future__ import annotations
@@ -47,20 +52,32 @@ class EdgeRegistry:
         self._edges: dict[str, EdgeSeen] = {}
         self._changed = asyncio.Event()
 
-    def report(self, report: Report) -> None:
-        """Note ``report`` as the fetch that carried it arrives."""
+    def restore(self, members: dict[str, float]) -> None:
         now = self.clock()
-        if self._edges.pop(report.edge, None) is None and len(self._edges) >= self.max_edges:
-            self._forget(now, force=True)
+        for edge, bound in members.items():
+            self._edges.setdefault(edge, EdgeSeen(edge, 0, now, bound))
+
+    def members(self) -> dict[str, float]:
+        return {s.edge: s.max_staleness_s for s in self._edges.values()}
+
+    def report(self, report: Report) -> bool:
+        """Note ``report`` as the fetch that carried it arrives; True when the members changed."""
+        now = self.clock()
+        seen = self._edges.pop(report.edge, None)
+        changed = self._forget(now, force=seen is None and len(self._edges) >= self.max_edges)
         self._edges[report.edge] = EdgeSeen(report.edge, report.applied, now, report.max_staleness_s)
         self._changed.set()
         self._changed = asyncio.Event()
+        return changed or seen is None or seen.max_staleness_s != report.max_staleness_s
 
-    def _forget(self, now: float, *, force: bool = False) -> None:
-        for name in [n for n, s in self._edges.items() if now - s.heard > self.forget_after_s]:
+    def _forget(self, now: float, *, force: bool = False) -> bool:
+        gone = [n for n, s in self._edges.items() if now - s.heard > self.forget_after_s]
+        for name in gone:
             del self._edges[name]
         if force and len(self._edges) >= self.max_edges:   # the least recently heard goes
             del self._edges[next(iter(self._edges))]
+            return True
+        return bool(gone)
 
     def snapshot(self, seq: int) -> list[dict[str, Any]]:
         now = self.clock()

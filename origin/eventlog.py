@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     source_id TEXT NOT NULL UNIQUE,
     data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edges (
+    edge TEXT PRIMARY KEY,
+    max_staleness_s REAL NOT NULL
 )
 """
 
@@ -39,7 +43,7 @@ class EventLog:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")   # an acknowledged event survives a power loss
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
 
     def append(self, event: Event) -> tuple[Event, bool]:
         """Store ``event`` under the next sequence number: (the stored event, True), or the
@@ -95,6 +99,23 @@ class EventLog:
         with self._lock:
             cur = self._db.execute("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?", (keep,))
             return cur.rowcount
+
+    def known_edges(self) -> dict[str, float]:
+        """The edges that followed the log (edge id -> its staleness bound), as last remembered."""
+        with self._lock:
+            return {e: float(b) for e, b in self._db.execute("SELECT edge, max_staleness_s FROM edges")}
+
+    def remember_edges(self, edges: dict[str, float]) -> None:
+        """Replace the remembered edges: an origin that restarts still waits for them."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM edges")
+                self._db.executemany("INSERT INTO edges (edge, max_staleness_s) VALUES (?, ?)", edges.items())
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,7 @@ from edgecache.events import Event, PrefixChange
 from edgecache.prefix import make_prefix, prefix_tag, validate_prefix_id
 from edgecache.webhook import verify
 from origin.admin import MAX_PREFIX_BYTES, REGISTRY, WARMER
-from origin.purge import EVENTS, acknowledge
+from origin.purge import EVENTS, acknowledge, wait_param
 
 __all__ = ["WEBHOOK_SECRET", "add_hook_routes"]
 
@@ -31,10 +31,11 @@ async def _cms(request: web.Request) -> web.Response:
     raw = await request.read()
     now = time.time()
     msg_id = verify(request.app[WEBHOOK_SECRET], request.headers, raw, now)
+    wait = wait_param(request)
     feed = request.app[EVENTS]
     earlier = await asyncio.to_thread(feed.log.find, msg_id)
     if earlier is not None:
-        return await acknowledge(request, earlier, new=False)
+        return await acknowledge(request, earlier, new=False, wait=wait)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -64,7 +65,7 @@ async def _cms(request: web.Request) -> web.Response:
             current = registry.get(prefix.id)
             if current is not None and any(c.id == prefix.id and c.version for c in changes):
                 await warm(current)
-    return await acknowledge(request, stored, new=new)
+    return await acknowledge(request, stored, new=new, wait=wait)
 
 
 def add_hook_routes(app: web.Application) -> None:

@@ -28,7 +28,7 @@ from edgecache.tags import MAX_TAGS, validate_tag
 from origin.edges import EdgeRegistry
 from origin.eventlog import EventLog
 
-__all__ = ["EVENTS", "EventFeed", "acknowledge", "add_purge_routes", "event_json"]
+__all__ = ["EVENTS", "EventFeed", "acknowledge", "add_purge_routes", "event_json", "wait_param"]
 
 MAX_KEYS = 1000
 MAX_WAIT_S = 30.0
@@ -62,10 +62,23 @@ class EventFeed:
         """(seq, JSON) of the events after ``seq``: what the NATS announcer publishes."""
         return [(e.seq, orjson.dumps(event_json(e))) for e in await asyncio.to_thread(self.log.since, seq)]
 
+    async def start(self) -> None:
+        self.edges.restore(await asyncio.to_thread(self.log.known_edges))
+
+    async def note(self, report: Report) -> None:
+        """An edge's report; a new member is remembered before the fetch is answered."""
+        if self.edges.report(report):
+            await asyncio.to_thread(self.log.remember_edges, self.edges.members())
+
     async def ping(self, report: Report) -> dict[str, int]:
         """An edge's heartbeat over NATS: note its report, answer with the log's bounds."""
-        self.edges.report(report)
+        await self.note(report)
         return await self.bounds()
+
+    def release(self) -> None:
+        """Answer every held long-poll now (the origin is shutting down)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def changed(self) -> asyncio.Event:
         """Set at the next append: take it before reading, so an append in between is not missed."""
@@ -90,23 +103,30 @@ def event_json(event: Event) -> dict[str, Any]:
             "all": event.purge_all, "soft": event.soft}
 
 
-async def acknowledge(request: web.Request, event: Event, *, new: bool) -> web.Response:
-    """The answer to an accepted (or redelivered) change: its sequence number, and with
-    ``?wait=true`` what every edge has made of it (200 once all are safe, else 202)."""
-    body: dict[str, Any] = {"seq": event.seq, "new": new, "event": event_json(event)}
-    status = 200
+def wait_param(request: web.Request) -> float | None:
+    """Seconds to wait for the edges (``?wait=true[&timeout=S]``), or None: read before anything
+    is recorded, so a bad parameter changes nothing."""
     wait = request.query.get("wait", "false")
     if wait not in ("true", "false", "1", "0"):
         raise BadRequest("'wait' must be true or false", param="wait")
-    if wait in ("true", "1"):
-        feed = request.app[EVENTS]
-        try:
-            timeout = float(request.query.get("timeout", feed.wait_timeout_s))
-        except ValueError:
-            raise BadRequest("'timeout' must be seconds", param="timeout") from None
-        if not 0 <= timeout <= MAX_ACK_WAIT_S:
-            raise BadRequest(f"'timeout' must be between 0 and {MAX_ACK_WAIT_S:g} seconds", param="timeout")
-        complete, edges = await feed.edges.wait(event.seq, timeout)
+    if wait in ("false", "0"):
+        return None
+    try:
+        timeout = float(request.query.get("timeout", request.app[EVENTS].wait_timeout_s))
+    except ValueError:
+        raise BadRequest("'timeout' must be seconds", param="timeout") from None
+    if not 0 <= timeout <= MAX_ACK_WAIT_S:
+        raise BadRequest(f"'timeout' must be between 0 and {MAX_ACK_WAIT_S:g} seconds", param="timeout")
+    return timeout
+
+
+async def acknowledge(request: web.Request, event: Event, *, new: bool, wait: float | None) -> web.Response:
+    """The answer to an accepted (or redelivered) change: its sequence number, and when asked
+    to ``wait``, what every edge has made of it (200 once all are safe, else 202)."""
+    body: dict[str, Any] = {"seq": event.seq, "new": new, "event": event_json(event)}
+    status = 200
+    if wait is not None:
+        complete, edges = await request.app[EVENTS].edges.wait(event.seq, wait)
         body.update(complete=complete, edges=edges)
         status = 200 if complete else 202
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
@@ -148,6 +168,7 @@ def _purge_event(body: object, source_id: str, now: float) -> Event:
 
 
 async def _purge(request: web.Request) -> web.Response:
+    wait = wait_param(request)
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
@@ -157,7 +178,7 @@ async def _purge(request: web.Request) -> web.Response:
         raise BadRequest("Idempotency-Key is longer than 200 characters", param="Idempotency-Key")
     event = _purge_event(body, source_id, time.time())
     stored, new = await request.app[EVENTS].append(event)
-    return await acknowledge(request, stored, new=new)
+    return await acknowledge(request, stored, new=new, wait=wait)
 
 
 async def _events(request: web.Request) -> web.Response:
@@ -173,7 +194,7 @@ async def _events(request: web.Request) -> web.Response:
                                        "max_staleness_s": float(request.query.get("max_staleness_s", ""))})
         except ValueError as exc:
             raise BadRequest(f"Bad edge report: {exc}", param="edge") from None
-        feed.edges.report(report)
+        await feed.note(report)
     changed = feed.changed()
     events = await asyncio.to_thread(feed.log.since, after)
     if not events and timeout > 0:
@@ -183,6 +204,12 @@ async def _events(request: web.Request) -> web.Response:
                         content_type="application/json")
 
 
+async def _release_polls(app: web.Application) -> None:
+    if EVENTS in app:
+        app[EVENTS].release()
+
+
 def add_purge_routes(app: web.Application) -> None:
+    app.on_shutdown.append(_release_polls)
     app.router.add_post("/v1/purge", _purge)
     app.router.add_get("/v1/events", _events)

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from edgecache.config import (
     BackendConfig,
+    BusConfig,
     Config,
     NodeConfig,
     OriginConfig,
@@ -53,6 +54,7 @@ class Stack:
     edges: dict[str, str]
     servers: dict[str, TestServer] = field(default_factory=dict)
     node_configs: dict[str, NodeConfig] = field(default_factory=dict)
+    config: Config | None = None     # the origin's
 
     async def metric(self, url: str, name: str, **labels: str) -> float:
         """Sum of a Prometheus sample (all label sets matching ``labels``) read over HTTP."""
@@ -88,7 +90,7 @@ async def make_stack(tmp_path: Path) -> StackFactory:
     async def factory(*, regions: tuple[str, ...] = ("us-east",), sims: int = 2, sim: SimConfig = FAST_SIM,
                       tenants: tuple[TenantConfig, ...] = (), backends: tuple[str, ...] = (),
                       node_overrides: dict | None = None, origin_overrides: dict | None = None,
-                      data_root: Path | None = None) -> Stack:
+                      data_root: Path | None = None, bus: BusConfig | None = None) -> Stack:
         stack = Stack(origin_url="", sim_urls=[], edges={})
         for i in range(sims):
             server = await start(create_sim_app(sim))
@@ -98,8 +100,9 @@ async def make_stack(tmp_path: Path) -> StackFactory:
         config = Config(origin=OriginConfig(retries=2, first_byte_timeout_s=10, **(origin_overrides or {})),
                         backends=tuple(BackendConfig(url=u) for u in urls),
                         sim=replace(sim, count=0),
-                        tenants=tenants)
+                        tenants=tenants, bus=bus or BusConfig())
         config = replace(config, auth=replace(config.auth, node_token=NODE_TOKEN))
+        stack.config = config
         origin = await start(create_origin_app(config))
         stack.servers["origin"] = origin
         stack.origin_url = str(origin.make_url("")).rstrip("/")
@@ -107,7 +110,7 @@ async def make_stack(tmp_path: Path) -> StackFactory:
             node = NodeConfig(region=region, port=0, data_dir=str((data_root or tmp_path) / region),
                               origin_url=stack.origin_url, node_token=NODE_TOKEN, tenants=tenants,
                               memory_bytes=64 * 1024 * 1024, disk_bytes=256 * 1024 * 1024,
-                              origin_timeout_s=10)
+                              origin_timeout_s=10, bus=bus or BusConfig())
             if node_overrides:
                 node = replace(node, **node_overrides)
             server = await start(create_app(node))

@@ -95,14 +95,21 @@ class NatsAnnouncer:
         self.ready = asyncio.Event()  # set while connected and publishing
 
     async def start(self) -> None:
-        """Connect and publish in the background, retrying while NATS cannot be reached: the
-        origin keeps serving fills meanwhile (edges that cannot ping it fence themselves)."""
+        """Connect (once, now), then publish in the background, retrying while NATS cannot be
+        reached: the origin keeps serving fills meanwhile (edges that cannot ping it fence
+        themselves)."""
+        try:
+            await self._connect()
+        except (BusError, *_NATS_ERRORS) as exc:
+            log.warning("NATS bus: %r; retrying in the background", exc)
+            await self._disconnect()
         self._task = asyncio.create_task(self._run())
 
     async def _run(self, retry_s: float = 1.0) -> None:
         while True:
             try:
-                await self._connect()
+                if self._nc is None:
+                    await self._connect()
                 await self._pump()
             except BusError as exc:
                 log.warning("NATS bus: %s; retrying", exc)
