@@ -1,6 +1,7 @@
 """Semantic lookup latency: embed a question and search its scope, under open-loop load.
 
-    python -m bench.semantic_latency [--quick] [--rates 50,200,400] [--modes ...] [--json OUT]
+    python -m bench.semantic_latency [--quick] [--rates 50,200,400] [--modes ...] [--backends onnx,torch]
+                                     [--json OUT]
 
 One process, as an edge node runs it: an event loop (uvloop when installed) receiving lookups
 at a fixed mean rate (Poisson arrivals, open loop: a lookup's latency counts from when it was
@@ -14,8 +15,17 @@ the CPU, then ``VectorIndex.search`` in a scope of ``--entries`` vectors (synthe
 - ``batch``: ``MicroBatcher(window_s=0)``: whatever queued while the previous batch ran;
 - ``batch2ms``: ``MicroBatcher(window_s=0.002)``: also waits 2 ms for company when idle.
 
-Every question is distinct (the batcher's de-duplication never helps). torch runs one
-intra-op thread. Lookups refused by a full queue (``Overloaded``) are counted, not timed.
+After the timed cells, ``--agreement N`` (default 300) embeds N Quora pairs (``bench/qqp.py``,
+a seeded sample) with every backend and with the torch reference the policy was calibrated
+on, and reports how far each backend's vectors are from it: the cosine between a question's
+two vectors (min, mean) and the change of each pair's cosine (mean, p99, max).
+
+Backends (``Embedder(backend=...)``, each a peer in the same run): ``onnx`` (the default: the
+model exported to onnxruntime, float32, the same vectors), ``torch`` (sentence-transformers'
+model run directly, what the edge ran before), ``onnx-int8`` (quantised: faster, but its vectors
+move, so the shipped calibration does not hold for it). Every question is distinct (neither the
+batcher's de-duplication nor its memo ever helps). The model runs one intra-op thread. Lookups
+refused by a full queue (``Overloaded``) are counted, not timed.
 """
 
 from __future__ import annotations
@@ -33,9 +43,10 @@ from typing import Any
 from bench.cpu import cpu_sample, cpu_usage
 from bench.semantic_index import summarize, synthetic
 
-__all__ = ["MODES", "build_parser", "main", "questions", "run_cell"]
+__all__ = ["BACKENDS", "MODES", "agreement", "build_parser", "main", "questions", "run_cell"]
 
 MODES = ("to_thread", "serial", "batch", "batch2ms")
+BACKENDS = ("onnx", "torch", "onnx-int8")
 SCOPE = b"bench-semantic-latency"
 
 _ASK = ["How do I", "How can I", "What is the best way to", "Is it possible to", "Why can't I",
@@ -116,21 +127,52 @@ async def run_cell(mode: str, rate: float, duration_s: float, embedder: Any, ind
     return {"mode": mode, "rate": rate, "offered": len(arrivals), "completed": len(total), "rejected": rejected,
             "timed_out": len(late), "achieved_per_s": round(len(total) / wall, 1),
             "latency": summarize(total), "embed": summarize(embed_s), "search": summarize(search_s),
-            "mean_batch": round(stats.mean_batch, 2) if stats else 1.0,
+            "mean_batch": round(stats.mean_batch, 2) if stats else 1.0, "memo_hits": stats.memo_hits if stats else 0,
             "cpu_pct": round(usage.loadgen_pct, 1), "other_pct": round(usage.other_pct, 1)}
 
 
+def agreement(embedders: dict[str, Any], reference: Any, n: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """How far each embedder's vectors are from ``reference``'s on ``n`` Quora pairs."""
+    import numpy as np
+
+    from bench.qqp import load_pairs, sample_pairs
+
+    pairs = sample_pairs(load_pairs(), n, seed=seed)
+    a, b = [p.a for p in pairs], [p.b for p in pairs]
+    ra, rb = reference.encode(a), reference.encode(b)
+    want = np.sum(ra * rb, axis=1)
+    out = {}
+    for name, embedder in embedders.items():
+        ea = np.concatenate([embedder.encode([t]) for t in a])      # one at a time, as lookups run
+        eb = embedder.encode(b)                                     # and batched
+        same = np.concatenate([np.sum(ra * ea, axis=1), np.sum(rb * eb, axis=1)])
+        delta = np.abs(np.sum(ea * eb, axis=1) - want)
+        out[name] = {"pairs": len(pairs), "self_cos_min": round(float(same.min()), 6),
+                     "self_cos_mean": round(float(same.mean()), 6),
+                     "pair_cos_delta_mean": round(float(delta.mean()), 5),
+                     "pair_cos_delta_p99": round(float(np.quantile(delta, 0.99)), 5),
+                     "pair_cos_delta_max": round(float(delta.max()), 5)}
+    return out
+
+
 def format_table(report: dict[str, Any]) -> str:
-    head = (f"{'mode':<10} {'rate/s':>6} {'done/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>9} {'max ms':>9} "
+    head = (f"{'backend':<9} {'mode':<10} {'rate/s':>6} {'done/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>9} {'max ms':>9} "
             f"{'embed p50':>9} {'search p50':>10} {'batch':>6} {'rejected':>8} {'cpu%':>5} {'other%':>6}")
     lines = [head, "-" * len(head)]
     for r in report["cells"]:
         lat = r["latency"]
-        lines.append(f"{r['mode']:<10} {r['rate']:>6g} {r['achieved_per_s']:>7.1f} {lat.get('p50_ms', 0):>8.2f} "
+        lines.append(f"{r.get('backend', '?'):<9} {r['mode']:<10} {r['rate']:>6g} {r['achieved_per_s']:>7.1f} {lat.get('p50_ms', 0):>8.2f} "
                      f"{lat.get('p90_ms', 0):>8.2f} {lat.get('p99_ms', 0):>9.2f} {lat.get('max_ms', 0):>9.2f} "
                      f"{r['embed'].get('p50_ms', 0):>9.2f} {r['search'].get('p50_ms', 0):>10.3f} "
                      f"{r['mean_batch']:>6.2f} {r['rejected'] + r['timed_out']:>8} {r['cpu_pct']:>5.1f} "
                      f"{r['other_pct']:>6.1f}")
+    if report.get("agreement"):
+        lines += ["", f"{'backend':<9} {'pairs':>5} {'self cos min':>12} {'mean':>9} {'pair cos delta mean':>19} "
+                      f"{'p99':>8} {'max':>8}   (vs sentence-transformers float32)"]
+        for name, a in report["agreement"].items():
+            lines.append(f"{name:<9} {a['pairs']:>5} {a['self_cos_min']:>12.6f} {a['self_cos_mean']:>9.6f} "
+                         f"{a['pair_cos_delta_mean']:>19.5f} {a['pair_cos_delta_p99']:>8.5f} "
+                         f"{a['pair_cos_delta_max']:>8.5f}")
     return "\n".join(lines)
 
 
@@ -141,8 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rates", default="50,200,400", help="lookups per second to offer")
     parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     parser.add_argument("--entries", type=int, default=100_000, help="vectors in the searched scope")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights")
+    parser.add_argument("--backends", default="onnx", help=f"any of {', '.join(BACKENDS)}, each a peer in this run")
+    parser.add_argument("--threads", type=int, default=1, help="the model's intra-op threads")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="model weights (bfloat16: torch backend only)")
+    parser.add_argument("--cache-dir", help="folder of the exported onnx model (default: the user cache folder)")
+    parser.add_argument("--agreement", type=int, default=300,
+                        help="Quora pairs to compare every backend's vectors with torch float32 on (0: skip)")
     parser.add_argument("--json", type=Path, help="write the report here")
     return parser
 
@@ -152,7 +199,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from edgecache.stores.embed import Embedder
     from edgecache.stores.vectors import VectorIndex
 
-    embedder = await asyncio.to_thread(Embedder, threads=args.threads, dtype=args.dtype)
+    backends = args.backends.split(",")
+    if unknown := set(backends) - set(BACKENDS):
+        raise SystemExit(f"unknown backends: {', '.join(sorted(unknown))}")
+    embedders = {}
+    for backend in backends:
+        started = time.perf_counter()
+        embedders[backend] = await asyncio.to_thread(Embedder, threads=args.threads, dtype=args.dtype,
+                                                     backend=backend, cache_dir=args.cache_dir)
+        print(f"{backend}: loaded in {time.perf_counter() - started:.1f} s", flush=True)
     index = VectorIndex(None)
     data = synthetic(args.entries, seed=11)
     keys = os.urandom(16 * args.entries)
@@ -160,20 +215,31 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         index.add(SCOPE, keys[16 * i:16 * i + 16], data[i])
     await asyncio.to_thread(index.wait_idle)
     texts = questions(20_000)
-    await asyncio.to_thread(embedder.encode, texts[:64])       # warm the model up
+    for embedder in embedders.values():
+        await asyncio.to_thread(embedder.encode, texts[:64])   # warm the model up
     duration = args.duration or (5.0 if args.quick else 15.0)
     report: dict[str, Any] = {"machine": machine_facts(), "duration_s": duration, "entries": args.entries,
-                              "torch_threads": args.threads, "dtype": args.dtype, "loop": type(asyncio.get_running_loop()).__module__,
-                              "cells": []}
+                              "threads": args.threads, "dtype": args.dtype, "backends": backends,
+                              "loop": type(asyncio.get_running_loop()).__module__, "cells": []}
     offset = 0
     for rate in (float(r) for r in args.rates.split(",")):
         for mode in args.modes.split(","):
-            cell = await run_cell(mode, rate, duration, embedder, index, texts[offset:] + texts[:offset], seed=offset)
-            offset = (offset + cell["offered"]) % len(texts)
-            report["cells"].append(cell)
-            print(f"{mode} at {rate:g}/s: p50 {cell['latency'].get('p50_ms', 0):.2f} ms, "
-                  f"p99 {cell['latency'].get('p99_ms', 0):.2f} ms", flush=True)
+            offered = 0
+            for backend, embedder in embedders.items():   # peers: the same arrivals and questions
+                cell = await run_cell(mode, rate, duration, embedder, index, texts[offset:] + texts[:offset],
+                                      seed=offset)
+                cell = {"backend": backend, **cell}
+                offered = max(offered, cell["offered"])
+                report["cells"].append(cell)
+                print(f"{backend} {mode} at {rate:g}/s: p50 {cell['latency'].get('p50_ms', 0):.2f} ms, "
+                      f"p99 {cell['latency'].get('p99_ms', 0):.2f} ms", flush=True)
+            offset = (offset + offered) % len(texts)
     index.close()
+    if args.agreement:
+        reference = embedders.get("torch") if args.dtype == "float32" else None
+        if reference is None:
+            reference = await asyncio.to_thread(Embedder, threads=args.threads, backend="torch")
+        report["agreement"] = await asyncio.to_thread(agreement, embedders, reference, args.agreement)
     return report
 
 

