@@ -215,8 +215,11 @@ class BusConfig:
     stream: JetStream stream name (``EDGECACHE``). subject: subject of the events
     (``edgecache.events``); heartbeats and applied reports use ``<subject>.heartbeat`` and
     ``<subject>.applied``.
-    heartbeat_s: how often the origin tells the bus it is alive (2).
+    heartbeat_s: how often an idle edge checks in with the origin: the long-poll timeout, or the
+    NATS ping interval (2).
     wait_timeout_s: ``?wait=true`` gives up after this long unless the request says less (10).
+    keep_events: the origin's log keeps at least the newest this many events (100000); an edge
+    that fell further behind purges everything when it comes back.
     """
 
     kind: str = "embedded"
@@ -225,6 +228,7 @@ class BusConfig:
     subject: str = "edgecache.events"
     heartbeat_s: float = 2.0
     wait_timeout_s: float = 10.0
+    keep_events: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,8 +404,8 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
         raise ConfigError(f"{source}: bus.nats_url: expected nats:// URL(s), got {bus.nats_url!r}")
     if not bus.stream.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"{source}: bus.stream: letters, digits, '-' and '_' only, got {bus.stream!r}")
-    if not bus.subject or any(c in bus.subject for c in " *>") or bus.heartbeat_s <= 0:
-        raise ConfigError(f"{source}: bus: subject must be a plain subject and heartbeat_s positive")
+    if not bus.subject or any(c in bus.subject for c in " *>") or bus.heartbeat_s <= 0 or bus.keep_events < 1:
+        raise ConfigError(f"{source}: bus: subject must be a plain subject, heartbeat_s positive, keep_events >= 1")
     edges = []
     for i, e in enumerate(_list(raw, "edges", source)):
         where = f"{source}: edges[{i}]"

@@ -246,7 +246,8 @@ async def _origin_state(app: web.Application) -> AsyncIterator[None]:
     app[REGISTRY] = registry
     events_dir = os.path.join(config.origin.data_dir, "events") if config.origin.data_dir else None
     log_ = await asyncio.to_thread(EventLog, events_dir)
-    feed = app[EVENTS] = EventFeed(log_, wait_timeout_s=config.bus.wait_timeout_s)
+    feed = app[EVENTS] = EventFeed(log_, wait_timeout_s=config.bus.wait_timeout_s,
+                                   keep_events=config.bus.keep_events)
     await feed.start()
     announcer = None
     if config.bus.kind == "nats":

@@ -33,21 +33,28 @@ __all__ = ["EVENTS", "EventFeed", "acknowledge", "add_purge_routes", "event_json
 MAX_KEYS = 1000
 MAX_WAIT_S = 30.0
 MAX_ACK_WAIT_S = 120.0
+TRIM_EVERY = 1000
 
 
 class EventFeed:
     """The log, the edges that follow it, and a wake-up for long-polling readers and publishers."""
 
-    def __init__(self, log: EventLog, *, edges: EdgeRegistry | None = None, wait_timeout_s: float = 10.0) -> None:
+    def __init__(self, log: EventLog, *, edges: EdgeRegistry | None = None, wait_timeout_s: float = 10.0,
+                 keep_events: int = 100_000) -> None:
         self.log = log
         self.edges = edges or EdgeRegistry()
         self.wait_timeout_s = wait_timeout_s
+        self.keep_events = keep_events
         self.on_append: list[Callable[[], None]] = []   # e.g. the NATS announcer's wake-up
         self._changed = asyncio.Event()
+        self._bounds: dict[str, int] | None = None
 
     async def append(self, event: Event) -> tuple[Event, bool]:
         stored, new = await asyncio.to_thread(self.log.append, event)
         if new:
+            if stored.seq % TRIM_EVERY == 0:   # the log keeps the newest ``keep_events``
+                await asyncio.to_thread(self.log.trim, self.keep_events)
+            self._bounds = None
             self._changed.set()
             self._changed = asyncio.Event()
             for wake in self.on_append:
@@ -55,8 +62,11 @@ class EventFeed:
         return stored, new
 
     async def bounds(self) -> dict[str, int]:
-        first, last = await asyncio.to_thread(lambda: (self.log.first_seq, self.log.last_seq))
-        return {"first_seq": first, "last_seq": last}
+        """The log's first and last sequence numbers (cached until the next append)."""
+        if self._bounds is None:
+            first, last = await asyncio.to_thread(lambda: (self.log.first_seq, self.log.last_seq))
+            self._bounds = {"first_seq": first, "last_seq": last}
+        return self._bounds
 
     async def since_payloads(self, seq: int) -> list[tuple[int, bytes]]:
         """(seq, JSON) of the events after ``seq``: what the NATS announcer publishes."""
