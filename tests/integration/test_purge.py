@@ -7,9 +7,7 @@ import asyncio
 import aiohttp
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 
-from nodes.app import create_app
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.integration
@@ -47,17 +45,6 @@ async def three(make_stack) -> Stack:
     return await make_stack(regions=REGIONS)
 
 
-async def test_purge_by_tag_removes_the_entry_at_every_edge(three: Stack) -> None:
-    for edge in three.edges.values():
-        assert (await ask(edge, {"Cache-Tag": "doc:42"}))[0] == 200
-        assert "; hit;" in (await ask(edge, {"Cache-Control": "only-if-cached"}))[1]
-    status, answer = await purge(three, {"tags": ["doc:42"]})
-    assert status == 200 and answer["seq"] >= 1
-    for edge in three.edges.values():
-        await applied(edge, answer["seq"])
-        assert (await ask(edge, {"Cache-Control": "only-if-cached"}))[0] == 504
-
-
 async def test_purge_by_key_and_purge_all(three: Stack) -> None:
     edge = three.edges["us-east"]
     _, status = await ask(edge)
@@ -92,23 +79,6 @@ async def test_purging_needs_the_admin_token(stack: Stack) -> None:
     async with aiohttp.ClientSession() as s, s.post(stack.origin_url + "/v1/purge", json={"all": True},
                                                     headers={"Authorization": "Bearer test-node-token"}) as r:
         assert r.status == 401
-
-
-async def test_an_edge_that_was_down_catches_up_before_serving(make_stack, tmp_path) -> None:
-    stack = await make_stack(data_root=tmp_path)
-    edge = stack.edges["us-east"]
-    await ask(edge, {"Cache-Tag": "doc:9"})
-    await stack.servers["us-east"].close()
-    _, answer = await purge(stack, {"tags": ["doc:9"]})
-    restarted = TestServer(create_app(stack.node_configs["us-east"]), host="127.0.0.1")
-    await restarted.start_server()
-    try:
-        url = str(restarted.make_url("")).rstrip("/")
-        assert (await ask(url, {"Cache-Control": "only-if-cached"}))[0] == 504
-        async with aiohttp.ClientSession() as s, s.get(url + "/healthz") as r:
-            assert (await r.json())["invalidation"]["applied_seq"] == answer["seq"]
-    finally:
-        await restarted.close()
 
 
 async def test_an_edge_that_lost_the_stream_stops_serving_tagged_entries(stack: Stack) -> None:
