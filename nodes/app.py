@@ -404,7 +404,8 @@ async def _healthz(request: web.Request) -> web.Response:
         "inflight": len(state.inflight),
         "waiters": sum(f.waiters for f in state.inflight.values()),
         "semantic": state.semantic.health() if state.semantic else {"status": state.semantic_status},
-        "invalidation": {"applied_seq": state.events.applied if state.events else 0,
+        "invalidation": {"bus": state.config.bus.kind,
+                         "applied_seq": state.events.applied if state.events else 0,
                          "connected": bool(state.events and state.events.connected),
                          "fenced": state.fenced()},
     })
