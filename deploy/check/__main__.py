@@ -25,7 +25,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from common import Report, nats_test
+from checks_common import Report, nats_test
 from compose_check import check_compose
 from k8s_check import check_k8s
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
-from common import Report, hosts, load_topology, parse_edgecache_args
+from checks_common import Report, hosts, load_topology, parse_edgecache_args
 
 from edgecache.errors import ConfigError
 

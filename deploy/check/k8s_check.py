@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
-from common import Report, hosts, load_topology, nats_test, parse_edgecache_args
+from checks_common import Report, hosts, load_topology, nats_test, parse_edgecache_args
 from kustomize_lite import KustomizeError, build
 
 from edgecache.errors import ConfigError
