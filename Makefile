@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TOPOLOGY ?= deploy/local.toml
 
-.PHONY: up test bench bench-tools lint install clean
+.PHONY: up test deploy-check bench bench-tools lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ install: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/edgecache up --topology $(TOPOLOGY)
 
-test: $(STAMP)
+test: $(STAMP) deploy-check
 	$(PY) -m pytest -q
+
+# deploy/: compose, Kubernetes overlays, topologies, Dockerfile and NATS configs, checked
+# offline (Docker cannot run here): docs/deploy.md.
+deploy-check: $(STAMP)
+	$(PY) deploy/check
 
 bench: $(STAMP) bench-tools
 	mkdir -p bench/out
