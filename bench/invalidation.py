@@ -19,9 +19,7 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import percentile
+from bench.procs import Services
 from bench.stack import StackError, free_port
 from edgecache.config import AuthConfig
 from edgecache.webhook import sign
@@ -38,20 +37,6 @@ from edgecache.webhook import sign
 __all__ = ["build_parser", "main", "run_cell"]
 
 SECRET = AuthConfig().webhook_secret
-
-
-def _healthy(url: str, timeout: float, procs: dict[str, subprocess.Popen[bytes]], root: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                log = (root / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise StackError(f"{name} exited with status {proc.returncode}:\n{log}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
-            if resp.status == 200:
-                return
-        time.sleep(0.05)
-    raise StackError(f"{url} not healthy within {timeout:.0f} s")
 
 
 def _deliver(origin: str, n: int, run: str) -> tuple[float, dict[str, Any]]:
@@ -87,50 +72,36 @@ def run_cell(bus: str, edges: int, events: int, nats_url: str) -> dict[str, Any]
             text += f'[[edges]]\nregion = "r{i}"\nport = {port}\ndata_dir = "{root / f"r{i}"}"\n\n'
         topology = root / "topology.toml"
         topology.write_text(text, encoding="utf-8")
-        base = [sys.executable, "-m", "edgecache.cli"]
-        env = {**os.environ, "EDGECACHE_LOG_LEVEL": "WARNING"}
-        procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
-            plan = [("sim", [*base, "sim", "--topology", str(topology), "--index", "0"]),
-                    ("origin", [*base, "origin", "--topology", str(topology)])]
-            plan += [(f"r{i}", [*base, "node", "--topology", str(topology), "--region", f"r{i}"]) for i in range(edges)]
-            for name, argv in plan:
-                with open(root / f"{name}.log", "wb") as log:
-                    procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-                if name == "sim":
-                    _healthy(f"http://127.0.0.1:{sim_port}/health", 60, procs, root)
-                if name == "origin":
-                    _healthy(f"http://127.0.0.1:{origin_port}/healthz", 60, procs, root)
-            for port in ports:
-                _healthy(f"http://127.0.0.1:{port}/healthz", 60, procs, root)
-            origin = f"http://127.0.0.1:{origin_port}"
-            for n in range(3):   # warm-up: every edge registered and caught up
-                _, answer = _deliver(origin, -1 - n, run)
-                if len(answer.get("edges", [])) == edges and answer.get("complete"):
-                    continue
-            times = []
-            for n in range(events):
-                elapsed, answer = _deliver(origin, n, run)
-                listed = answer.get("edges", [])
-                if not answer.get("complete") or len(listed) != edges or any(
-                        e["applied_seq"] < answer["seq"] for e in listed):
-                    raise StackError(f"webhook {n} not applied everywhere: {answer}")
-                times.append(elapsed * 1000)
-                time.sleep(0.01)
+            with Services(root) as services:
+                services.start("sim", ["sim", "--topology", str(topology), "--index", "0"],
+                               f"http://127.0.0.1:{sim_port}/health")
+                services.start("origin", ["origin", "--topology", str(topology)], f"http://127.0.0.1:{origin_port}/healthz")
+                for i in range(edges):
+                    services.spawn(f"r{i}", ["node", "--topology", str(topology), "--region", f"r{i}"])
+                for i, port in enumerate(ports):
+                    services.wait_healthy(f"r{i}", f"http://127.0.0.1:{port}/healthz")
+                times = _time_webhooks(f"http://127.0.0.1:{origin_port}", edges, events, run)
         finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs.values():
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
             if bus == "nats":
                 _delete_stream(nats_url, stream)
     times.sort()
     return {"events": len(times), "p50_ms": round(percentile(times, 50), 2), "p99_ms": round(percentile(times, 99), 2),
             "max_ms": round(times[-1], 2), "mean_ms": round(sum(times) / len(times), 2)}
+
+
+def _time_webhooks(origin: str, edges: int, events: int, run: str) -> list[float]:
+    for n in range(3):   # warm-up: every edge registered and caught up
+        _deliver(origin, -1 - n, run)
+    times = []
+    for n in range(events):
+        elapsed, answer = _deliver(origin, n, run)
+        listed = answer.get("edges", [])
+        if not answer.get("complete") or len(listed) != edges or any(e["applied_seq"] < answer["seq"] for e in listed):
+            raise StackError(f"webhook {n} not applied everywhere: {answer}")
+        times.append(elapsed * 1000)
+        time.sleep(0.01)
+    return times
 
 
 def _delete_stream(nats_url: str, stream: str) -> None:
