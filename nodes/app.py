@@ -32,6 +32,7 @@ from edgecache.errors import (
     error_body,
 )
 from edgecache.keys import Scope, cache_key
+from edgecache.logs import ACCESS_LOGGER, CURRENT, LogContext, access_message
 from edgecache.policy import (
     Bypass,
     CacheControl,
@@ -48,6 +49,7 @@ from edgecache.stores.disk import DiskTier
 from edgecache.stores.memory import MemoryTier
 from edgecache.stream import DONE, frame, synthesize_chunks, usage_chunk
 from edgecache.tags import parse_cache_tag_header
+from edgecache.trace import TraceContext, request_id, start_span
 from nodes.events import EventFollower
 from nodes.fill import Fill, FillRequest
 from nodes.metrics import NodeMetrics
@@ -58,6 +60,7 @@ from nodes.state import NodeState
 __all__ = ["NODE", "create_app"]
 
 log = logging.getLogger("edgecache.node")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 _JSON = "application/json"
@@ -67,6 +70,8 @@ _SSE = "text/event-stream"
 NODE = web.AppKey("node", NodeState)
 CONFIG = web.AppKey("config", NodeConfig)
 CACHE_STATUS = web.RequestKey("cache_status", str)
+TRACE = web.RequestKey("trace", TraceContext)     # this edge's span of the request
+REQUEST_ID = web.RequestKey("request_id", str)
 READY = web.AppKey("ready", Callable[[], bool])
 WORKER = web.AppKey("worker", int)
 
@@ -85,19 +90,71 @@ def _error_response(request: web.Request, status: int, body: bytes) -> web.Respo
 
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Errors as OpenAI-style bodies; the request's trace span, request id and access-log line."""
+    started = time.perf_counter()
+    headers = request.headers
+    trace = request[TRACE] = start_span(headers.get("traceparent"), headers.get("tracestate"))
+    rid = request[REQUEST_ID] = request_id(headers.get("X-Request-Id"))
+    token = CURRENT.set(LogContext(rid, trace.trace_id, trace.span_id))
     try:
-        return await handler(request)
-    except EdgeCacheError as exc:
-        return _error_response(request, exc.status, exc.body())
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = "payload_too_large" if exc.status == 413 else None
-        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        return _error_response(request, exc.status, error_body(exc.reason, kind, code))
-    except Exception:
-        log.exception("unhandled error on %s", request.path)
-        return _error_response(request, 500, error_body("internal error in the edge node", "server_error"))
+        try:
+            resp = await handler(request)
+        except EdgeCacheError as exc:
+            resp = _error_response(request, exc.status, exc.body())
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = "payload_too_large" if exc.status == 413 else None
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            resp = _error_response(request, exc.status, error_body(exc.reason, kind, code))
+        except Exception:
+            log.exception("unhandled error on %s", request.path)
+            resp = _error_response(request, 500, error_body("internal error in the edge node", "server_error"))
+        if not resp.prepared:   # a stream sent its own (_trace_headers)
+            resp.headers["traceparent"] = trace.traceparent
+            resp.headers["X-Request-Id"] = rid
+        if access_log.isEnabledFor(logging.INFO):   # else skipped entirely (the hit path is benchmarked)
+            _log_access(request, resp, trace, rid, started)
+        return resp
+    finally:
+        CURRENT.reset(token)
+
+
+def _trace_headers(request: web.Request) -> dict[str, str]:
+    return {"traceparent": request[TRACE].traceparent, "X-Request-Id": request[REQUEST_ID]}
+
+
+def _cache_result(cache_status: str | None) -> str | None:
+    """What the cache did, from the ``Cache-Status`` header (the values of the metrics' label)."""
+    if not cache_status:
+        return None
+    if "; hit;" in cache_status:
+        return "semantic_hit" if 'detail="semantic' in cache_status else "hit"
+    for fwd, result in (("fwd=request", "bypass"), ("fwd=stale", "stale"), ("fwd=bypass", "rejected")):
+        if fwd in cache_status:
+            return result
+    return "collapsed" if "; collapsed" in cache_status else "miss"
+
+
+def _log_access(request: web.Request, resp: web.StreamResponse, trace: TraceContext, rid: str,
+                started: float) -> None:
+    """One line per request: completions at INFO, everything else (health, metrics) at DEBUG."""
+    completion = request.path in _ENDPOINTS
+    level = logging.INFO if completion else logging.DEBUG
+    tenant = None
+    if completion:
+        try:
+            tenant = request.app[NODE].tenant_for(request.headers.get("Authorization"))
+        except EdgeCacheError:
+            pass   # a key no tenant lists: never logged
+    fields = {"request_id": rid, "trace_id": trace.trace_id, "span_id": trace.span_id,
+              "parent_id": trace.parent_id, "region": request.app[CONFIG].region,
+              "method": request.method, "path": request.path, "status": resp.status,
+              "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+              "cache": _cache_result(resp.headers.get("Cache-Status")) if completion else None,
+              "tenant": tenant, "bytes_in": request.content_length or 0,
+              "bytes_out": resp.body_length if resp.prepared else (resp.content_length or 0)}
+    access_log.log(level, access_message(fields), extra={"fields": fields})
 
 
 # -- the completion endpoints ------------------------------------------------------------
@@ -218,7 +275,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         result = "collapsed"
         base += "; collapsed"
     else:
-        fill = _start_fill(state, request.path, req, query, vector)
+        fill = _start_fill(state, request.path, req, query, vector, request[TRACE], request[REQUEST_ID])
     fill.join()
     request[CACHE_STATUS] = base
     try:
@@ -258,11 +315,14 @@ async def _fetch(state: NodeState, key: bytes, now: float) -> Entry | None:
 
 
 def _start_fill(state: NodeState, path: str, req: _Request, query: SemanticQuery | None,
-                vector: Any) -> Fill:
+                vector: Any, trace: TraceContext, rid: str) -> Fill:
     config = state.config
     storer = _Storer(state, vector)
     headers = {"Authorization": f"Bearer {config.node_token}", "Content-Type": _JSON,
-               "X-EdgeCache-Tenant": req.tenant, "X-EdgeCache-Region": config.region}
+               "X-EdgeCache-Tenant": req.tenant, "X-EdgeCache-Region": config.region,
+               "traceparent": trace.traceparent, "X-Request-Id": rid}
+    if trace.state:
+        headers["tracestate"] = trace.state
     if req.prefix is not None:
         headers["X-EdgeCache-Prefix-Version"] = req.prefix.version
     fill = Fill(
@@ -335,7 +395,8 @@ async def _answer_from_fill(request: web.Request, fill: Fill, stream: bool, incl
 async def _fan_out(request: web.Request, fill: Fill, include_usage: bool, base: str) -> web.StreamResponse:
     """Stream the fill's chunks to this client as they arrive."""
     resp = web.StreamResponse(headers={"Content-Type": _SSE, "Cache-Control": "no-cache",
-                                       "Cache-Status": base + ("; stored" if fill.req.store else "")})
+                                       "Cache-Status": base + ("; stored" if fill.req.store else ""),
+                                       **_trace_headers(request)})
     await resp.prepare(request)
     try:
         async for payload, plain, usage_only in fill.live_chunks():
@@ -385,7 +446,8 @@ def _frames(endpoint: str, body: bytes, chunks: tuple[bytes, ...] | None, includ
 async def _models(request: web.Request) -> web.Response:
     state = request.app[NODE]
     try:
-        async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}"},
+        async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}",
+                                                            **_trace_headers(request)},
                                      timeout=aiohttp.ClientTimeout(total=10)) as resp:
             return web.Response(status=resp.status, body=await resp.read(), content_type=_JSON)
     except (aiohttp.ClientError, TimeoutError):

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -25,7 +26,9 @@ from edgecache.errors import (
     UpstreamUnavailable,
     error_body,
 )
+from edgecache.logs import ACCESS_LOGGER, CURRENT, LogContext, access_message
 from edgecache.prefix import Prefix, expand, route_text
+from edgecache.trace import TraceContext, request_id, start_span
 from origin.admin import MAX_PREFIX_BYTES, REGISTRY, WARMER, add_prefix_routes
 from origin.backends import BackendPool
 from origin.eventlog import EventLog
@@ -36,9 +39,10 @@ from origin.purge import EVENTS, EventFeed, add_purge_routes
 __all__ = ["ORIGIN", "OriginState", "create_origin_app"]
 
 log = logging.getLogger("edgecache.origin")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 _PUBLIC = frozenset({"/health", "/healthz", "/metrics"})
-_FORWARDED = ("Content-Type", "Accept", "traceparent", "tracestate", "X-Request-Id")
+_FORWARDED = ("Content-Type", "Accept")   # and traceparent (our span), tracestate, X-Request-Id
 
 
 class OriginState:
@@ -86,6 +90,9 @@ class _BackendCollector(Collector):
 
 ORIGIN = web.AppKey("origin", OriginState)
 CONFIG = web.AppKey("config", Config)
+TRACE = web.RequestKey("trace", TraceContext)     # the origin's span of the request
+REQUEST_ID = web.RequestKey("request_id", str)
+BACKEND = web.RequestKey("backend", str)          # the backend that answered, for the access log
 
 
 def _bearer_is(request: web.Request, token: str) -> bool:
@@ -116,17 +123,51 @@ def _authorize(request: web.Request) -> None:
 
 @web.middleware
 async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Authorization, errors as OpenAI-style bodies, the trace span, request id and access log."""
+    started = time.perf_counter()
+    headers = request.headers
+    trace = request[TRACE] = start_span(headers.get("traceparent"), headers.get("tracestate"))
+    rid = request[REQUEST_ID] = request_id(headers.get("X-Request-Id"))
+    token = CURRENT.set(LogContext(rid, trace.trace_id, trace.span_id))
     try:
-        _authorize(request)
-        return await handler(request)
-    except EdgeCacheError as exc:
-        return web.Response(status=exc.status, body=exc.body(), content_type="application/json")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        return web.Response(status=exc.status, body=error_body(exc.reason, kind),
-                            content_type="application/json")
+        try:
+            _authorize(request)
+            resp = await handler(request)
+        except EdgeCacheError as exc:
+            resp = web.Response(status=exc.status, body=exc.body(), content_type="application/json")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            resp = web.Response(status=exc.status, body=error_body(exc.reason, kind),
+                                content_type="application/json")
+        if not resp.prepared:   # a stream sent its own (_trace_headers)
+            resp.headers.update(_trace_headers(request))
+        if access_log.isEnabledFor(logging.INFO):
+            _log_access(request, resp, trace, rid, started)
+        return resp
+    finally:
+        CURRENT.reset(token)
+
+
+def _trace_headers(request: web.Request) -> dict[str, str]:
+    return {"traceparent": request[TRACE].traceparent, "X-Request-Id": request[REQUEST_ID]}
+
+
+def _log_access(request: web.Request, resp: web.StreamResponse, trace: TraceContext, rid: str,
+                started: float) -> None:
+    """One line per request: completions at INFO, the rest (polls, health, metrics) at DEBUG."""
+    forwarded = request.path in ("/v1/chat/completions", "/v1/completions")
+    headers = request.headers
+    fields = {"request_id": rid, "trace_id": trace.trace_id, "span_id": trace.span_id,
+              "parent_id": trace.parent_id, "method": request.method, "path": request.path,
+              "status": resp.status, "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+              "edge_region": headers.get("X-EdgeCache-Region"),
+              "tenant": headers.get("X-EdgeCache-Tenant") if forwarded else None,
+              "backend": request.get(BACKEND), "bytes_in": request.content_length or 0,
+              "bytes_out": resp.body_length if resp.prepared else (resp.content_length or 0)}
+    access_log.log(logging.INFO if forwarded else logging.DEBUG, access_message(fields),
+                   extra={"fields": fields})
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
@@ -145,12 +186,16 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         parsed = expand(parsed, request.app[REGISTRY].current, version=version)
         body = orjson.dumps(parsed)
     headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
+    headers.update(_trace_headers(request))
+    if request[TRACE].state:
+        headers["tracestate"] = request[TRACE].state
     try:
         backend, upstream = await state.pool.open("POST", request.path, body, headers, route=route_text(parsed))
     except EdgeCacheError:
         state.failures.inc()
         raise
     state.requests.labels(backend.name, str(upstream.status)).inc()
+    request[BACKEND] = backend.name
     prepared = False
     try:
         content_type = upstream.headers.get("Content-Type", "application/json")
@@ -160,7 +205,8 @@ async def _forward(request: web.Request) -> web.StreamResponse:
             resp.headers["Content-Type"] = content_type
             return resp
         resp = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type,
-                                                                   "Cache-Control": "no-cache"})
+                                                                   "Cache-Control": "no-cache",
+                                                                   **_trace_headers(request)})
         await resp.prepare(request)
         prepared = True
         async for chunk in upstream.content.iter_any():

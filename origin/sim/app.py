@@ -4,6 +4,9 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON or SSE str
 ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus, vLLM names),
 ``POST /reset_prefix_cache`` (vLLM's admin route, used by benchmarks between runs).
 
+The ``traceparent`` and ``X-Request-Id`` of the last 64 completion requests are kept in
+``app[TRACES]`` (newest last), so tests can follow a trace to the backend.
+
 Errors are OpenAI-style bodies (``edgecache.errors``): 400 for bad JSON, a bad field, a
 prompt too long for ``max_model_len`` or for the whole KV cache; 404 for an unknown model
 (as vLLM); 429 with ``Retry-After`` when the waiting queue is full.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -31,11 +35,13 @@ from origin.sim.metrics import CONTENT_TYPE, SimMetrics
 from origin.sim.protocol import GenerationRequest, parse_body, parse_chat, parse_completion
 from origin.sim.responses import Choice, Reply
 
-__all__ = ["CONFIG", "ENGINE", "METRICS", "create_sim_app"]
+__all__ = ["CONFIG", "ENGINE", "METRICS", "TRACES", "create_sim_app"]
 
 CONFIG = web.AppKey("sim_config", SimConfig)
 ENGINE = web.AppKey("sim_engine", Engine)
 METRICS = web.AppKey("sim_metrics", SimMetrics)
+# (traceparent, X-Request-Id) of recent completion requests, bounded.
+TRACES = web.AppKey("sim_traces", deque[tuple[str | None, str | None]])
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -55,6 +61,7 @@ def create_sim_app(
     app[CONFIG] = config
     app[ENGINE] = engine
     app[METRICS] = metrics
+    app[TRACES] = deque(maxlen=64)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
@@ -126,6 +133,7 @@ def _budget(config: SimConfig, req: GenerationRequest, prompt_len: int) -> int:
 
 async def _generate(request: web.Request, req: GenerationRequest) -> web.StreamResponse:
     config, engine = request.app[CONFIG], request.app[ENGINE]
+    request.app[TRACES].append((request.headers.get("traceparent"), request.headers.get("X-Request-Id")))
     if req.model != config.model:
         raise NotFound(f"The model `{req.model}` does not exist.", param="model",
                        code="model_not_found")
