@@ -8,6 +8,11 @@
     edgecache calibrate PAIRS --out POLICY.json      re-calibrate the semantic hit policy
 
 This module is the composition root: it alone imports the services.
+
+Logging: ``EDGECACHE_LOG_LEVEL`` (default WARNING; INFO adds one access-log line per
+completion request, DEBUG one per health/metrics/poll request too) and
+``EDGECACHE_LOG_FORMAT`` (``text``, the default, or ``json``: one JSON object per line,
+see docs/observability.md), both read by every service process, node workers included.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from pathlib import Path
 
 from edgecache.config import Config, load_config
 from edgecache.errors import ConfigError
+from edgecache.logs import ContextFilter, JsonFormatter, TextFormatter
 
-__all__ = ["build_parser", "main", "run_app"]
+__all__ = ["LOG_FORMATS", "build_parser", "configure_logging", "main", "run_app"]
 
 DEFAULT_TOPOLOGY = Path("deploy/local.toml")
 
@@ -39,6 +45,31 @@ def _topology(path: str | None) -> Config:
             raise ConfigError(f"no --topology given and {DEFAULT_TOPOLOGY} does not exist here")
         path = str(DEFAULT_TOPOLOGY)
     return load_config(path, os.environ)
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def configure_logging(service: str, region: str | None = None, environ: dict[str, str] | None = None) -> None:
+    """The root logger of this process: one stderr handler, text or JSON (``EDGECACHE_LOG_FORMAT``),
+    at ``EDGECACHE_LOG_LEVEL``; records carry the current request's ids (``ContextFilter``)."""
+    environ = os.environ if environ is None else environ
+    kind = environ.get("EDGECACHE_LOG_FORMAT", "text").strip().lower() or "text"
+    if kind not in LOG_FORMATS:
+        raise ConfigError(f"EDGECACHE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {kind!r}")
+    level = environ.get("EDGECACHE_LOG_LEVEL", "WARNING").strip().upper() or "WARNING"
+    if not isinstance(logging.getLevelName(level), int):
+        raise ConfigError(f"EDGECACHE_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {level!r}")
+    handler = logging.StreamHandler()
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(JsonFormatter(service, region) if kind == "json" else TextFormatter())
+    handler.set_name("edgecache")
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        if old.get_name() == "edgecache":   # ours, from an earlier call: replaced, others kept
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def run_app(app_factory, host: str, port: int, *, reuse_port: bool = False, listening=None) -> None:
@@ -77,6 +108,7 @@ def run_app(app_factory, host: str, port: int, *, reuse_port: bool = False, list
 def _cmd_origin(args: argparse.Namespace) -> int:
     from origin.app import create_origin_app
 
+    configure_logging("origin")
     config = _topology(args.topology)
     port = args.port or config.origin.port
     run_app(lambda: create_origin_app(config), config.origin.host, port)
@@ -86,6 +118,7 @@ def _cmd_origin(args: argparse.Namespace) -> int:
 def _cmd_node(args: argparse.Namespace) -> int:
     from nodes.app import create_app
 
+    configure_logging("edge", args.region)
     config = _topology(args.topology)
     node = config.edge(args.region)
     if args.port:
@@ -124,12 +157,14 @@ class _NodeFactory:
     def __call__(self):
         from nodes.app import create_app
 
+        configure_logging("edge", self.node.region)   # a spawned process starts unconfigured
         return create_app(self.node, ready=lambda: self.listening.value >= self.node.workers, worker=self.worker)
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     from origin.sim.app import create_sim_app
 
+    configure_logging("sim")
     config = _topology(args.topology)
     port = args.port or config.sim.base_port + args.index
     run_app(lambda: create_sim_app(config.sim), config.sim.host, port)
@@ -241,9 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("EDGECACHE_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        configure_logging("edgecache")   # each service's command names itself again
+    except ConfigError as exc:
+        print(f"edgecache: configuration error: {exc}", file=sys.stderr)
+        return 2
     if argv[:1] == ["calibrate"]:   # its own argument parser
         from edgecache.calibrate import main as calibrate
 
