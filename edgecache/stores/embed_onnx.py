@@ -14,7 +14,7 @@ on a few sentences (cosine >= ``MIN_EXPORT_COSINE``) and only then moved into pl
 rename wins, a reader never sees half a file, and a stale or foreign file is never picked up.
 
 ``quantized=True`` runs an int8 copy (onnxruntime dynamic quantisation, per-channel weights),
-about 4x faster again, but its vectors move (pair cosines by about 0.01, up to 0.04, on Quora
+about 4x faster again, but its vectors move (pair cosines by about 0.01, up to 0.05, on Quora
 questions): thresholds calibrated on float32 vectors do not hold for it. It needs the ``onnx``
 package to build the copy.
 
