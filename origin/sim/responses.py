@@ -33,8 +33,17 @@ class Reply:
 
     @classmethod
     def new(cls, kind: str, model: str) -> Reply:
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        return cls(kind, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"   # sortable, like a UUIDv7: see generated_at
+        return cls(kind, model, f"{prefix}-{time.time_ns() // 1000:014x}{uuid.uuid4().hex[:18]}", int(time.time()))
+
+    @staticmethod
+    def generated_at(reply_id: str) -> float | None:
+        """When the reply with this id began (epoch seconds, to the microsecond), or None for an
+        id this server did not make: benchmarks tell a stale answer from a fresh one by it."""
+        try:
+            return int(reply_id.split("-", 1)[1][:14], 16) / 1e6
+        except (IndexError, ValueError):
+            return None
 
     @property
     def object(self) -> str:
