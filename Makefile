@@ -38,6 +38,7 @@ bench: $(STAMP) bench-tools
 	$(PY) -m bench.semantic_index --quick --json bench/out/semantic_index.json
 	$(PY) -m bench.semantic_latency --quick --json bench/out/semantic_latency.json
 	$(PY) -m bench.invalidation --quick --json bench/out/invalidation.json
+	$(PY) -m bench.e2e --quick --json bench/out/e2e.json
 
 # wrk (Debian package) measures the hit path; without it the benchmarks fall back to an
 # aiohttp load generator and say so. Best effort: needs root and Debian's apt.
