@@ -1,6 +1,6 @@
 """Structured logs: a JSON formatter for the stdlib ``logging``, and the request in context.
 
-A service sets ``CURRENT`` (a ``ContextVar``) for the duration of each request; every record
+A service sets ``CURRENT`` (a ``ContextVar``) to the request's ``Span`` while answering it; every record
 logged meanwhile, in that task or in tasks it starts, carries the request's ``request_id``,
 ``trace_id`` and ``span_id``. ``ContextFilter`` stamps them on the record when it is made
 (so a handler that formats later still has them); ``JsonFormatter`` writes one JSON object
@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from edgecache.trace import Span
 
 __all__ = [
     "ACCESS_LOGGER",
     "CURRENT",
     "ContextFilter",
     "JsonFormatter",
-    "LogContext",
     "TextFormatter",
     "access_message",
 ]
@@ -37,17 +37,8 @@ __all__ = [
 ACCESS_LOGGER = "edgecache.access"
 """The logger of the one-line-per-request access log (level INFO)."""
 
-
-@dataclass(frozen=True, slots=True)
-class LogContext:
-    """What every record logged during one request carries."""
-
-    request_id: str
-    trace_id: str
-    span_id: str
-
-
-CURRENT: ContextVar[LogContext | None] = ContextVar("edgecache_request", default=None)
+CURRENT: ContextVar[Span | None] = ContextVar("edgecache_request", default=None)
+"""The span of the request being answered (its ids go on every record)."""
 
 _CONTEXT_FIELDS = ("request_id", "trace_id", "span_id")
 

@@ -32,7 +32,7 @@ from edgecache.errors import (
     error_body,
 )
 from edgecache.keys import Scope, cache_key
-from edgecache.logs import ACCESS_LOGGER, CURRENT, LogContext, access_message
+from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
 from edgecache.policy import (
     Bypass,
     CacheControl,
@@ -49,7 +49,7 @@ from edgecache.stores.disk import DiskTier
 from edgecache.stores.memory import MemoryTier
 from edgecache.stream import DONE, frame, synthesize_chunks, usage_chunk
 from edgecache.tags import parse_cache_tag_header
-from edgecache.trace import TraceContext, request_id, start_span
+from edgecache.trace import Span, start_span
 from nodes.events import EventFollower
 from nodes.fill import Fill, FillRequest
 from nodes.metrics import NodeMetrics
@@ -70,8 +70,7 @@ _SSE = "text/event-stream"
 NODE = web.AppKey("node", NodeState)
 CONFIG = web.AppKey("config", NodeConfig)
 CACHE_STATUS = web.RequestKey("cache_status", str)
-TRACE = web.RequestKey("trace", TraceContext)     # this edge's span of the request
-REQUEST_ID = web.RequestKey("request_id", str)
+SPAN = web.RequestKey("span", Span)   # this edge's span of the request
 READY = web.AppKey("ready", Callable[[], bool])
 WORKER = web.AppKey("worker", int)
 
@@ -93,9 +92,9 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
     """Errors as OpenAI-style bodies; the request's trace span, request id and access-log line."""
     started = time.perf_counter()
     headers = request.headers
-    trace = request[TRACE] = start_span(headers.get("traceparent"), headers.get("tracestate"))
-    rid = request[REQUEST_ID] = request_id(headers.get("X-Request-Id"))
-    token = CURRENT.set(LogContext(rid, trace.trace_id, trace.span_id))
+    span = request[SPAN] = start_span(headers.get("traceparent"), headers.get("tracestate"),
+                                      headers.get("X-Request-Id"))
+    token = CURRENT.set(span)
     try:
         try:
             resp = await handler(request)
@@ -111,17 +110,18 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
             log.exception("unhandled error on %s", request.path)
             resp = _error_response(request, 500, error_body("internal error in the edge node", "server_error"))
         if not resp.prepared:   # a stream sent its own (_trace_headers)
-            resp.headers["traceparent"] = trace.traceparent
-            resp.headers["X-Request-Id"] = rid
+            resp.headers["traceparent"] = span.traceparent
+            resp.headers["X-Request-Id"] = span.request_id
         if access_log.isEnabledFor(logging.INFO):   # else skipped entirely (the hit path is benchmarked)
-            _log_access(request, resp, trace, rid, started)
+            _log_access(request, resp, span, started)
         return resp
     finally:
         CURRENT.reset(token)
 
 
 def _trace_headers(request: web.Request) -> dict[str, str]:
-    return {"traceparent": request[TRACE].traceparent, "X-Request-Id": request[REQUEST_ID]}
+    span = request[SPAN]
+    return {"traceparent": span.traceparent, "X-Request-Id": span.request_id}
 
 
 def _cache_result(cache_status: str | None) -> str | None:
@@ -136,8 +136,7 @@ def _cache_result(cache_status: str | None) -> str | None:
     return "collapsed" if "; collapsed" in cache_status else "miss"
 
 
-def _log_access(request: web.Request, resp: web.StreamResponse, trace: TraceContext, rid: str,
-                started: float) -> None:
+def _log_access(request: web.Request, resp: web.StreamResponse, span: Span, started: float) -> None:
     """One line per request: completions at INFO, everything else (health, metrics) at DEBUG."""
     completion = request.path in _ENDPOINTS
     level = logging.INFO if completion else logging.DEBUG
@@ -147,8 +146,8 @@ def _log_access(request: web.Request, resp: web.StreamResponse, trace: TraceCont
             tenant = request.app[NODE].tenant_for(request.headers.get("Authorization"))
         except EdgeCacheError:
             pass   # a key no tenant lists: never logged
-    fields = {"request_id": rid, "trace_id": trace.trace_id, "span_id": trace.span_id,
-              "parent_id": trace.parent_id, "region": request.app[CONFIG].region,
+    fields = {"request_id": span.request_id, "trace_id": span.trace_id, "span_id": span.span_id,
+              "parent_id": span.parent_id, "region": request.app[CONFIG].region,
               "method": request.method, "path": request.path, "status": resp.status,
               "duration_ms": round((time.perf_counter() - started) * 1000, 3),
               "cache": _cache_result(resp.headers.get("Cache-Status")) if completion else None,
@@ -275,7 +274,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         result = "collapsed"
         base += "; collapsed"
     else:
-        fill = _start_fill(state, request.path, req, query, vector, request[TRACE], request[REQUEST_ID])
+        fill = _start_fill(state, request.path, req, query, vector, request[SPAN])
     fill.join()
     request[CACHE_STATUS] = base
     try:
@@ -315,14 +314,14 @@ async def _fetch(state: NodeState, key: bytes, now: float) -> Entry | None:
 
 
 def _start_fill(state: NodeState, path: str, req: _Request, query: SemanticQuery | None,
-                vector: Any, trace: TraceContext, rid: str) -> Fill:
+                vector: Any, span: Span) -> Fill:
     config = state.config
     storer = _Storer(state, vector)
     headers = {"Authorization": f"Bearer {config.node_token}", "Content-Type": _JSON,
                "X-EdgeCache-Tenant": req.tenant, "X-EdgeCache-Region": config.region,
-               "traceparent": trace.traceparent, "X-Request-Id": rid}
-    if trace.state:
-        headers["tracestate"] = trace.state
+               "traceparent": span.traceparent, "X-Request-Id": span.request_id}
+    if span.state:
+        headers["tracestate"] = span.state
     if req.prefix is not None:
         headers["X-EdgeCache-Prefix-Version"] = req.prefix.version
     fill = Fill(

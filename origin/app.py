@@ -26,9 +26,9 @@ from edgecache.errors import (
     UpstreamUnavailable,
     error_body,
 )
-from edgecache.logs import ACCESS_LOGGER, CURRENT, LogContext, access_message
+from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
 from edgecache.prefix import Prefix, expand, route_text
-from edgecache.trace import TraceContext, request_id, start_span
+from edgecache.trace import Span, start_span
 from origin.admin import MAX_PREFIX_BYTES, REGISTRY, WARMER, add_prefix_routes
 from origin.backends import BackendPool
 from origin.eventlog import EventLog
@@ -90,8 +90,7 @@ class _BackendCollector(Collector):
 
 ORIGIN = web.AppKey("origin", OriginState)
 CONFIG = web.AppKey("config", Config)
-TRACE = web.RequestKey("trace", TraceContext)     # the origin's span of the request
-REQUEST_ID = web.RequestKey("request_id", str)
+SPAN = web.RequestKey("span", Span)   # the origin's span of the request
 BACKEND = web.RequestKey("backend", str)          # the backend that answered, for the access log
 
 
@@ -126,9 +125,9 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
     """Authorization, errors as OpenAI-style bodies, the trace span, request id and access log."""
     started = time.perf_counter()
     headers = request.headers
-    trace = request[TRACE] = start_span(headers.get("traceparent"), headers.get("tracestate"))
-    rid = request[REQUEST_ID] = request_id(headers.get("X-Request-Id"))
-    token = CURRENT.set(LogContext(rid, trace.trace_id, trace.span_id))
+    span = request[SPAN] = start_span(headers.get("traceparent"), headers.get("tracestate"),
+                                      headers.get("X-Request-Id"))
+    token = CURRENT.set(span)
     try:
         try:
             _authorize(request)
@@ -144,23 +143,23 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
         if not resp.prepared:   # a stream sent its own (_trace_headers)
             resp.headers.update(_trace_headers(request))
         if access_log.isEnabledFor(logging.INFO):
-            _log_access(request, resp, trace, rid, started)
+            _log_access(request, resp, span, started)
         return resp
     finally:
         CURRENT.reset(token)
 
 
 def _trace_headers(request: web.Request) -> dict[str, str]:
-    return {"traceparent": request[TRACE].traceparent, "X-Request-Id": request[REQUEST_ID]}
+    span = request[SPAN]
+    return {"traceparent": span.traceparent, "X-Request-Id": span.request_id}
 
 
-def _log_access(request: web.Request, resp: web.StreamResponse, trace: TraceContext, rid: str,
-                started: float) -> None:
+def _log_access(request: web.Request, resp: web.StreamResponse, span: Span, started: float) -> None:
     """One line per request: completions at INFO, the rest (polls, health, metrics) at DEBUG."""
     forwarded = request.path in ("/v1/chat/completions", "/v1/completions")
     headers = request.headers
-    fields = {"request_id": rid, "trace_id": trace.trace_id, "span_id": trace.span_id,
-              "parent_id": trace.parent_id, "method": request.method, "path": request.path,
+    fields = {"request_id": span.request_id, "trace_id": span.trace_id, "span_id": span.span_id,
+              "parent_id": span.parent_id, "method": request.method, "path": request.path,
               "status": resp.status, "duration_ms": round((time.perf_counter() - started) * 1000, 3),
               "edge_region": headers.get("X-EdgeCache-Region"),
               "tenant": headers.get("X-EdgeCache-Tenant") if forwarded else None,
@@ -187,8 +186,8 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         body = orjson.dumps(parsed)
     headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
     headers.update(_trace_headers(request))
-    if request[TRACE].state:
-        headers["tracestate"] = request[TRACE].state
+    if request[SPAN].state:
+        headers["tracestate"] = request[SPAN].state
     try:
         backend, upstream = await state.pool.open("POST", request.path, body, headers, route=route_text(parsed))
     except EdgeCacheError:

@@ -16,12 +16,12 @@ from edgecache.logs import (
     CURRENT,
     ContextFilter,
     JsonFormatter,
-    LogContext,
     TextFormatter,
     access_message,
 )
+from edgecache.trace import Span, start_span
 
-CTX = LogContext("req-1", "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+CTX = start_span("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None, "req-1")
 
 
 def record(msg: str = "hello %s", *args: object, name: str = "edgecache.node", level: int = logging.WARNING,
@@ -68,7 +68,7 @@ def test_the_filter_stamps_the_ids_when_the_record_is_made_so_later_formatting_k
 
 
 async def test_a_task_started_inside_a_request_inherits_its_context() -> None:
-    seen: list[LogContext | None] = []
+    seen: list[Span | None] = []
 
     async def background() -> None:
         seen.append(CURRENT.get())

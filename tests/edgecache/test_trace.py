@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from edgecache.trace import (
     MAX_REQUEST_ID,
     MAX_TRACESTATE,
-    TraceContext,
+    Span,
     new_request_id,
     parse_traceparent,
     request_id,
@@ -107,13 +107,34 @@ def test_without_a_valid_traceparent_a_new_sampled_trace_starts(value: str | Non
 
 
 def test_new_ids_are_never_all_zero() -> None:
-    draws = iter([0, 0, 5, 0, 7])
+    # one draw per span: span id (64 bits), then trace id (128), then request id (128)
+    draws = iter([0, 5 << 128, 7 << 256, (7 << 256) | (5 << 128) | 9])
     span = start_span(None, rand=lambda bits: next(draws))
-    assert span == TraceContext(trace_id=f"{5:032x}", span_id=f"{7:016x}")
+    trace_id, span_id = f"{5:032x}", f"{7:016x}"
+    assert span == Span(trace_id, span_id, f"00-{trace_id}-{span_id}-01", f"{9:032x}")
 
 
-def test_new_traces_differ() -> None:
-    assert len({start_span(None).trace_id for _ in range(100)}) == 100
+def test_one_draw_makes_every_id() -> None:
+    calls: list[int] = []
+
+    def rand(bits: int) -> int:
+        calls.append(bits)
+        return random.getrandbits(bits)
+
+    start_span(None, rand=rand)
+    start_span(VALID, None, "given", rand=rand)
+    assert calls == [64 + 128 + 128, 64]
+
+
+def test_new_traces_and_request_ids_differ() -> None:
+    spans = [start_span(None) for _ in range(100)]
+    assert len({s.trace_id for s in spans}) == len({s.request_id for s in spans}) == 100
+    assert all(s.request_id != s.trace_id and re.fullmatch(r"[0-9a-f]{32}", s.request_id) for s in spans)
+
+
+def test_the_span_keeps_a_sane_request_id_and_replaces_an_insane_one() -> None:
+    assert start_span(VALID, None, "client-1").request_id == "client-1"
+    assert re.fullmatch(r"[0-9a-f]{32}", start_span(VALID, None, "no spaces please").request_id)
 
 
 @pytest.mark.parametrize("state", ["x" * (MAX_TRACESTATE + 1), "a=1\nb=2", "a=\u00e9"])
