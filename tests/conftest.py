@@ -145,6 +145,18 @@ async def serve_app() -> Callable[[web.Application], Awaitable[str]]:
         await server.close()
 
 
+@pytest.fixture(scope="session")
+def model_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Where the exported embedding model lives: pytest's cache, so the export (10-15 s) happens
+    once per machine (its file name is the model's fingerprint); a folder of this run without it."""
+    from edgecache.stores.embed import missing_semantic_packages
+
+    if missing_semantic_packages():
+        pytest.skip(f"semantic extra missing: {missing_semantic_packages()}")
+    cache = getattr(request.config, "cache", None)
+    return str(cache.mkdir("edgecache-onnx-models") if cache else tmp_path_factory.mktemp("onnx-models"))
+
+
 @pytest.fixture(autouse=True)
 def blockbuster():
     """Fail any test whose event loop thread makes a blocking call (file, socket, sleep, sqlite)."""

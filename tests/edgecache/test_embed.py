@@ -19,7 +19,6 @@ from edgecache.stores.embed import (  # noqa: E402
     MODEL_DIM,
     Embedder,
     MicroBatcher,
-    missing_semantic_packages,
 )
 
 
@@ -243,12 +242,6 @@ def test_modules_import_without_the_extra_and_say_what_is_missing_when_used() ->
 # -- the real model (skipped without the semantic extra) ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_cache(request: pytest.FixtureRequest) -> str:
-    """Exported models survive between runs in pytest's cache (the file name is the model's fingerprint)."""
-    if missing_semantic_packages():
-        pytest.skip(f"semantic extra missing: {missing_semantic_packages()}")
-    return str(request.config.cache.mkdir("edgecache-onnx-models"))
 
 
 @pytest.fixture(scope="module", params=["onnx", "torch"])

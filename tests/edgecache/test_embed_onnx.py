@@ -13,7 +13,7 @@ import pytest
 np = pytest.importorskip("numpy")
 pytest.importorskip("onnxruntime")
 
-from edgecache.stores.embed import Embedder, missing_semantic_packages, model_path  # noqa: E402
+from edgecache.stores.embed import Embedder, model_path  # noqa: E402
 from edgecache.stores.embed_onnx import (  # noqa: E402
     MIN_EXPORT_COSINE,
     OnnxEncoder,
@@ -27,11 +27,6 @@ MIXED = ["How do I reset my password?", "word " * 400, "x", "", "Où est la gare
          "東京で一番おいしいラーメンは\uff1f 🙂", "What's 2+2? Account #1234, not 5678.", "   spaced\tout\n text  "]
 
 
-@pytest.fixture(scope="module")
-def model_cache(request: pytest.FixtureRequest) -> str:
-    if missing_semantic_packages():
-        pytest.skip(f"semantic extra missing: {missing_semantic_packages()}")
-    return str(request.config.cache.mkdir("edgecache-onnx-models"))
 
 
 @pytest.fixture(scope="module")
