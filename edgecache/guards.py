@@ -14,6 +14,10 @@ refusal reason the edge reports:
   (``ORD-1234``, ``v2.3.1``, ``x86_64``) of one question does not occur in the other.
 - ``opposite``: a word of one question only and a word of the other only are opposites
   (positive/negative, best/worst, buy/sell, before/after, upload/download…).
+- ``symbols``: the two questions' words in another script than Latin ("多少", "심하잖아"),
+  symbols ("~", "✢", "ℝ²") or language names with a symbol ("C++", "C#") differ: the word
+  checks below see only Latin letters and digits, so "What does 多少 mean?" and "What does
+  几 mean?" would otherwise have the same words.
 - ``entity``: a capitalised name not at the start of a sentence, or a fully capitalised
   acronym, of one question that does not occur (in any case) in the other (off by default: it costs more true hits than it
   saves false ones on the labeled pairs; see bench/README.md).
@@ -25,6 +29,7 @@ nothing the second time. Stdlib only.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -51,6 +56,8 @@ _WORD = re.compile(r"[a-z0-9]+n't|[a-z0-9]+|'(?:s|re|ve|ll|d|m)\b")   # "what's"
 _CAP_WORD = re.compile(r"\b[A-Z][A-Za-z]*[A-Z]?[a-z]*\b")
 _OPENERS = frozenset('.!?:;("\u201c')
 _DIGIT = re.compile(r"\d")
+_CODE_NAME = re.compile(r"(?<![\w+#])[A-Za-z][+#]+(?![\w+#])")      # C++, C#, F#
+_LATIN_END = 0x24F          # letters above Latin Extended-B count as another script
 
 NEGATIONS = frozenset({"not", "no", "never", "without", "cannot", "nothing", "nobody", "none",
                        "neither", "nor", "nowhere"})
@@ -82,6 +89,7 @@ class Facts:
     identifiers: frozenset[str]
     entities: frozenset[str]
     folded: str
+    symbols: frozenset[str] = frozenset()
 
 
 def _is_code(token: str) -> bool:
@@ -106,6 +114,32 @@ def _words(folded: str) -> tuple[str, ...]:
 
 def _negations(words: Iterable[str]) -> int:
     return sum(1 for w in words if w in NEGATIONS or (w[-1] == "t" and w.endswith("n't")))
+
+
+def _char_kind(ch: str) -> str | None:
+    if ch.isascii():
+        return "s" if ch in "~^|" else None
+    cat = unicodedata.category(ch)
+    if cat[0] == "L" and ord(ch) > _LATIN_END:
+        return "w"
+    return "s" if cat in ("Sm", "So") else None
+
+
+def _symbols(text: str) -> frozenset[str]:
+    """Runs of non-Latin letters or of symbols, and code names (``c++``); empty for plain text."""
+    found = {m.group().casefold() for m in _CODE_NAME.finditer(text)} if ("+" in text or "#" in text) else set()
+    if text.isascii() and not any(c in text for c in "~^|"):
+        return frozenset(found)
+    run, kind = "", None
+    for ch in text + " ":
+        k = _char_kind(ch)
+        if k is not None and (k == kind or not run):
+            run, kind = run + ch, k
+            continue
+        if run:
+            found.add(run)
+        run, kind = (ch, k) if k is not None else ("", None)
+    return frozenset(found)
 
 
 def _sentence_start(text: str, pos: int) -> bool:
@@ -163,6 +197,7 @@ def facts(text: str) -> Facts:
         identifiers=frozenset(identifiers),
         entities=_entities(text),
         folded=folded,
+        symbols=_symbols(text),
     )
 
 
@@ -213,6 +248,10 @@ def _opposite(a: Facts, b: Facts) -> bool:
     return any(frozenset((x, y)) in OPPOSITES for x in only_a for y in only_b)
 
 
+def _symbols_differ(a: Facts, b: Facts) -> bool:
+    return a.symbols != b.symbols
+
+
 def _entity(a: Facts, b: Facts) -> bool:
     return entity_mismatches(a, b) > 0
 
@@ -223,9 +262,10 @@ ALL_GUARDS: dict[str, Callable[[Facts, Facts], bool]] = {
     "negation": _negation,
     "identifier": _identifier,
     "opposite": _opposite,
+    "symbols": _symbols_differ,
     "entity": _entity,
 }
-DEFAULT_GUARDS: tuple[str, ...] = ("numbers", "quoted", "negation", "identifier", "opposite")
+DEFAULT_GUARDS: tuple[str, ...] = ("numbers", "quoted", "negation", "identifier", "opposite", "symbols")
 
 
 def refusal(a: str | Facts, b: str | Facts, guards: Iterable[str] = DEFAULT_GUARDS) -> str | None:

@@ -72,3 +72,23 @@ def test_facts_are_computed_once_per_text_and_accepted_in_place_of_text() -> Non
 
 def test_every_default_guard_is_known() -> None:
     assert set(DEFAULT_GUARDS) <= set(ALL_GUARDS)
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("What does 多少 mean?", "What does 几 mean?"),                      # the word checks see only Latin
+    ("What is the difference between C and C++?", "What is the difference between C++ and C#?"),
+    ("What is the name of the ~ symbol?", "What is the name of the \u2722 symbol?"),
+    ("What does \u211d\u00b2 mean?", "What does \u5475\u5475 mean?"),
+])
+def test_symbols_guard_refuses_questions_whose_other_scripts_or_symbols_differ(a: str, b: str) -> None:
+    assert refusal(a, b) == "symbols"
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("Which books for the examinat\u00edon?", "Which books for the examination?"),   # accented Latin
+    ("Why was the \u20b9500 note banned?", "Why was the Rs 500 note banned?"),            # currency sign
+    ("What is 多少 in English?", "What does 多少 mean in English?"),
+    ("Is C++ hard to learn?", "Is c++ difficult to learn?"),
+])
+def test_symbols_guard_lets_equal_or_latin_variants_through(a: str, b: str) -> None:
+    assert refusal(a, b, ["symbols"]) is None
