@@ -247,6 +247,8 @@ class NodeConfig:
     prefix_refresh_s: how often the replica of the prefix registry is refreshed (5).
     max_staleness_s: a node that has not heard from the invalidation stream for this long stops
     serving tagged entries until it has caught up (60).
+    instance: tells apart nodes of one region (pods of a Deployment): part of the node's identity
+    on the bus (``<region>/<instance>/<worker>``); "" means the host name. Env ``EDGECACHE_INSTANCE``.
     """
 
     region: str
@@ -263,6 +265,7 @@ class NodeConfig:
     workers: int = 1
     prefix_refresh_s: float = 5.0
     max_staleness_s: float = 60.0
+    instance: str = ""
     origin_url: str = "http://127.0.0.1:8100"
     node_token: str = "dev-node-token"
     tenants: tuple[TenantConfig, ...] = ()
@@ -418,6 +421,10 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
                       tenants=tenants, semantic=semantic, bus=bus)
         if not edge.data_dir:
             edge = replace(edge, data_dir=str((base_dir or Path.cwd()) / "var" / edge.region))
+        if environ.get("EDGECACHE_INSTANCE"):
+            edge = replace(edge, instance=environ["EDGECACHE_INSTANCE"])
+        if len(edge.instance) > 100 or "/" in edge.instance:
+            raise ConfigError(f"{where}.instance: at most 100 characters, no '/', got {edge.instance!r}")
         if edge.workers < 1:
             raise ConfigError(f"{where}.workers: must be >= 1")
         edges.append(edge)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -497,7 +498,7 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     state.prefixes = PrefixReplica(session, config.node_token, on_change=state.memo.clear)
     state.semantic, state.semantic_status = await open_semantic_tier(
         config.semantic, config.data_dir, disk.keys, worker=app[WORKER])
-    me = edge_id(config.region, app[WORKER])
+    me = edge_id(config.region, config.instance or socket.gethostname(), app[WORKER])
     over_http = HttpSubscription(session, config.node_token, me, config.max_staleness_s)
     subscription = (over_http if config.bus.kind == "embedded"
                     else NatsSubscription(config.bus, me, config.max_staleness_s, repair=over_http))
@@ -525,6 +526,7 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*state.writes, return_exceptions=True)
         if state.semantic is not None:
             await state.semantic.close()
+        await subscription.leave()   # no longer serving: a purge need not wait for this node
         await subscription.close()
         await session.close()
         await asyncio.to_thread(disk.close)

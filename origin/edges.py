@@ -70,6 +70,13 @@ class EdgeRegistry:
         self._changed = asyncio.Event()
         return changed or seen is None or seen.max_staleness_s != report.max_staleness_s
 
+    def leave(self, edge: str) -> bool:
+        """An edge that shut down cleanly (it no longer serves); True if it was known."""
+        found = self._edges.pop(edge, None) is not None
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return found
+
     def _forget(self, now: float, *, force: bool = False) -> bool:
         gone = [n for n, s in self._edges.items() if now - s.heard > self.forget_after_s]
         for name in gone:

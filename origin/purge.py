@@ -7,6 +7,7 @@
          the event or fenced itself (200), or when the timeout passes first (202, "complete": false).
     GET  /v1/events?after=N&timeout=S[&edge=ID&max_staleness_s=T]   (node token)
          events after N, waiting up to S seconds for one; the edge's report rides along.
+    POST /v1/events/leave  {"edge": ID}   (node token)  a node shutting down: no longer waited for.
 """
 
 from __future__ import annotations
@@ -219,7 +220,22 @@ async def _release_polls(app: web.Application) -> None:
         app[EVENTS].release()
 
 
+async def _leave(request: web.Request) -> web.Response:
+    try:
+        body = orjson.loads(await request.read())
+        edge = body["edge"]
+        if not isinstance(edge, str) or not 0 < len(edge) <= 200:
+            raise ValueError
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise BadRequest("The body must be {\"edge\": \"<region>/<instance>/<worker>\"}", param="edge") from None
+    feed = request.app[EVENTS]
+    if feed.edges.leave(edge):
+        await asyncio.to_thread(feed.log.remember_edges, feed.edges.members())
+    return web.json_response({"edge": edge, "left": True})
+
+
 def add_purge_routes(app: web.Application) -> None:
     app.on_shutdown.append(_release_polls)
+    app.router.add_post("/v1/events/leave", _leave)
     app.router.add_post("/v1/purge", _purge)
     app.router.add_get("/v1/events", _events)

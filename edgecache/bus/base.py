@@ -13,7 +13,8 @@ staleness fence counts from (a heartbeat that arrives without the events before 
 nothing). Every fetch also tells the origin what the edge
 has applied (``Report``), which is how ``?wait=true`` learns that every edge has caught up.
 
-An edge is a worker process of a region; ``edge_id`` is ``<region>/<worker>``.
+An edge is one worker process of one node of a region; ``edge_id`` is
+``<region>/<instance>/<worker>`` (instance: the pod or host).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class BusError(Exception):
     only as long as its staleness bound allows."""
 
 
-def edge_id(region: str, worker: int) -> str:
-    return f"{region}/{worker}"
+def edge_id(region: str, instance: str, worker: int) -> str:
+    return f"{region}/{instance}/{worker}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,10 @@ class Subscription(Protocol):
 
     async def acknowledge(self, applied: int) -> None:
         """``applied`` is durable at the edge: the bus may forget what came before it."""
+        ...
+
+    async def leave(self) -> None:
+        """The edge has stopped serving for good (a clean shutdown): the origin need not wait for it."""
         ...
 
     async def close(self) -> None: ...

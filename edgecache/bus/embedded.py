@@ -45,5 +45,13 @@ class HttpSubscription:
     async def acknowledge(self, applied: int) -> None:
         pass   # the next poll's ``after`` says it
 
+    async def leave(self) -> None:
+        try:
+            async with self._session.post("/v1/events/leave", json={"edge": self.edge}, headers=self._headers,
+                                          timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
+            pass   # the origin counts it fenced after its staleness bound instead
+
     async def close(self) -> None:
         pass

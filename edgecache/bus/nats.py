@@ -6,7 +6,7 @@ durable pull consumer of it.
   ``<stream>:<seq>``, so a republished event is dropped by the server's de-duplication. At
   start the origin republishes whatever its log holds beyond the stream's newest message (an
   event appended while NATS was down is published once it is back).
-- Edge worker ``<region>/<worker>``: durable consumer ``edge_<region>_<worker>`` (explicit acks,
+- Edge worker ``<region>/<instance>/<worker>``: durable consumer ``edge_<region>_<instance>_<worker>`` (explicit acks,
   new messages only when first created: the edge catches up over HTTP at start). A restarted
   edge resumes from its consumer's acknowledged position.
 - Heartbeats: each ``fetch`` first asks the origin ``<subject>.ping`` (core request/reply, the
@@ -62,7 +62,7 @@ def ping_subject(config: BusConfig) -> str:
 
 
 def consumer_name(edge: str) -> str:
-    """A durable name NATS accepts: ``us-east/0`` -> ``edge_us-east_0``."""
+    """A durable name NATS accepts: ``us-east/pod-7/0`` -> ``edge_us-east_pod-7_0``."""
     return "edge_" + re.sub(r"[^A-Za-z0-9_-]", "_", edge)
 
 
@@ -253,6 +253,14 @@ class NatsSubscription:
                 await msg.ack()
             except _NATS_ERRORS as exc:   # redelivered later and skipped: harmless
                 log.warning("ack to NATS: %r", exc)
+
+    async def leave(self) -> None:
+        await self._repair.leave()
+        if self._nc is not None:   # a node that comes back catches up over HTTP and gets a new consumer
+            try:
+                await self._nc.jetstream().delete_consumer(self.config.stream, consumer_name(self.edge))
+            except _NATS_ERRORS as exc:
+                log.warning("deleting consumer %s: %r", consumer_name(self.edge), exc)
 
     async def close(self) -> None:
         nc, self._nc, self._sub = self._nc, None, None

@@ -7,6 +7,7 @@ server at 127.0.0.1:4222: skipped where none runs, required under CI=true).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from dataclasses import replace
@@ -27,6 +28,12 @@ pytestmark = pytest.mark.integration
 
 ADMIN = {"Authorization": "Bearer dev-admin-token"}
 REGIONS = ("us-east", "eu-west", "ap-south")
+HOST = socket.gethostname()
+
+
+def me(region: str) -> str:
+    """The bus identity of a region's (only) node and worker in these tests."""
+    return f"{region}/{HOST}/0"
 
 
 @pytest.fixture(params=["embedded", "nats"])
@@ -87,7 +94,7 @@ async def test_a_purge_acknowledged_with_wait_is_applied_at_every_edge(three: St
             assert (await ask(s, edge, "What is the warranty on chairs?", {"Cache-Tag": "doc:42"}))[0] == 200
         status, answer = await purge(three, {"tags": ["doc:42"]})
         assert status == 200 and answer["complete"] is True
-        assert sorted(e["edge"] for e in answer["edges"]) == sorted(f"{r}/0" for r in REGIONS)
+        assert sorted(e["edge"] for e in answer["edges"]) == sorted(me(r) for r in REGIONS)
         assert all(e["applied_seq"] >= answer["seq"] and e["state"] == "applied" for e in answer["edges"])
         for edge in three.edges.values():   # no polling: the acknowledgement means applied
             status, _ = await ask(s, edge, "What is the warranty on chairs?", {"Cache-Control": "only-if-cached"})
@@ -187,14 +194,28 @@ async def test_an_edge_that_was_down_catches_up_before_serving(make_stack, bus: 
 async def test_wait_reports_a_silent_edge_as_pending_until_it_fences(make_stack, bus: BusConfig) -> None:
     stack = await make_stack(regions=("us-east", "eu-west"), bus=bus, node_overrides={"max_staleness_s": 1.0})
     await settled(stack)
-    await stack.servers["eu-west"].close()   # gone without a word: it may still be serving, for all we know
+    silent = stack.servers["eu-west"].app[NODE].events.subscription
+
+    async def crash() -> None:   # gone without a word: it may still be serving, for all we know
+        pass
+
+    silent.leave = crash
+    await stack.servers["eu-west"].close()
     status, answer = await purge(stack, {"tags": ["doc:1"]}, "?wait=true&timeout=0")
     states = {e["edge"]: e["state"] for e in answer["edges"]}
     assert status == 202 and answer["complete"] is False
-    assert states == {"us-east/0": states["us-east/0"], "eu-west/0": "pending"}
+    assert states == {me("us-east"): states[me("us-east")], me("eu-west"): "pending"}
     status, answer = await purge(stack, {"tags": ["doc:2"]}, "?wait=true&timeout=10")
     states = {e["edge"]: e["state"] for e in answer["edges"]}
-    assert status == 200 and states == {"us-east/0": "applied", "eu-west/0": "fenced"}
+    assert status == 200 and states == {me("us-east"): "applied", me("eu-west"): "fenced"}
+
+
+async def test_a_node_that_shuts_down_cleanly_is_not_waited_for(make_stack, bus: BusConfig) -> None:
+    stack = await make_stack(regions=("us-east", "eu-west"), bus=bus)
+    await settled(stack)
+    await stack.servers["eu-west"].close()
+    status, answer = await purge(stack, {"tags": ["doc:1"]}, "?wait=true&timeout=10")
+    assert status == 200 and [e["edge"] for e in answer["edges"]] == [me("us-east")]
 
 
 async def test_an_origin_restart_keeps_the_sequence_and_the_edges_follow(make_stack, bus: BusConfig,
@@ -228,8 +249,8 @@ async def test_each_nats_edge_is_a_durable_consumer(three: Stack, bus: BusConfig
     try:
         js = nc.jetstream()
         for region in REGIONS:
-            info = await js.consumer_info(bus.stream, consumer_name(f"{region}/0"))
-            assert info.config.durable_name == consumer_name(f"{region}/0")
+            info = await js.consumer_info(bus.stream, consumer_name(me(region)))
+            assert info.config.durable_name == consumer_name(me(region))
         _, answer = await purge(three, {"all": True})
         last = await js.get_last_msg(bus.stream, bus.subject)
         assert orjson.loads(last.data)["seq"] == answer["seq"]

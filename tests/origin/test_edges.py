@@ -63,6 +63,13 @@ def test_members_survive_a_restart_as_pending_until_they_report() -> None:
     assert states(restarted, 1) == {"a/0": "pending"}
 
 
+def test_a_node_that_leaves_is_no_longer_waited_for() -> None:
+    registry = EdgeRegistry()
+    registry.report(Report("a/h/0", 0, 60.0))
+    assert registry.leave("a/h/0") is True and registry.leave("a/h/0") is False
+    assert registry.snapshot(1) == []
+
+
 def test_the_registry_is_bounded_and_forgets_long_silent_edges() -> None:
     clock = Clock()
     registry = EdgeRegistry(clock=clock, max_edges=2, forget_after_s=100.0)
