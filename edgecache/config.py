@@ -129,7 +129,8 @@ class BackendConfig:
 class OriginConfig:
     """The origin service.
 
-    host/port: bind address (127.0.0.1:8100). url: how edges reach it (default from host/port).
+    host/port: bind address (127.0.0.1:8100). url: how edges reach it (default from host/port;
+    env ``EDGECACHE_ORIGIN_URL``).
     routing: backend selection policy: ``round_robin`` (default), ``least_loaded`` or
     ``prefix_aware`` (see ``origin/routing.py``).
     connect_timeout_s: to a backend (2.0). first_byte_timeout_s: until response headers (60).
@@ -370,6 +371,10 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
     except ValueError as exc:
         raise ConfigError(f"{source}: auth.webhook_secret: {exc}") from None
     origin = _build(OriginConfig, raw.get("origin", {}), f"{source}: origin")
+    if environ.get("EDGECACHE_ORIGIN_URL"):
+        origin = replace(origin, url=environ["EDGECACHE_ORIGIN_URL"])
+    if origin.url and not origin.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: origin.url: expected an http(s) URL, got {origin.url!r}")
     if not origin.data_dir:
         origin = replace(origin, data_dir=str((base_dir or Path.cwd()) / "var" / "origin"))
     routings = ("round_robin", "least_loaded", "prefix_aware")

@@ -55,3 +55,15 @@ def test_missing_file_and_bad_toml_are_config_errors(tmp_path: Path) -> None:
     bad.write_text("[origin\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad, {})
+
+
+def test_the_environment_names_the_origin_url_and_the_instance() -> None:
+    raw = {"edges": [{"region": "us-east"}]}
+    config = parse_config(raw, {"EDGECACHE_ORIGIN_URL": "http://origin.example:8100",
+                                "EDGECACHE_INSTANCE": "edge-7f9c"})
+    assert config.edges[0].origin_url == "http://origin.example:8100"
+    assert config.edges[0].instance == "edge-7f9c"
+    with pytest.raises(ConfigError, match=r"origin\.url"):
+        parse_config(raw, {"EDGECACHE_ORIGIN_URL": "origin:8100"})
+    with pytest.raises(ConfigError, match="instance"):
+        parse_config(raw, {"EDGECACHE_INSTANCE": "a/b"})
