@@ -193,6 +193,8 @@ class SemanticConfig:
     max_batch: questions embedded in one call at most (32).
     max_queue: questions waiting for the embedder at most; beyond it, no semantic lookup (1024).
     save_interval_s: how often the vector index is written to the data folder (60).
+    model_cache_dir: where the embedding model exported for onnxruntime is kept ("" = the user's
+    cache folder, ``~/.cache/edgecache/models``). Env ``EDGECACHE_MODEL_CACHE``.
     """
 
     enabled: bool = False
@@ -204,6 +206,7 @@ class SemanticConfig:
     max_batch: int = 32
     max_queue: int = 1024
     save_interval_s: float = 60.0
+    model_cache_dir: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +402,8 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
         _build(TenantConfig, t, f"{source}: tenants[{i}]") for i, t in enumerate(_list(raw, "tenants", source))
     )
     semantic = _build(SemanticConfig, raw.get("semantic", {}), f"{source}: semantic")
+    if environ.get("EDGECACHE_MODEL_CACHE"):
+        semantic = replace(semantic, model_cache_dir=environ["EDGECACHE_MODEL_CACHE"])
     if not 0 < semantic.max_false_hit_rate < 1:
         raise ConfigError(f"{source}: semantic.max_false_hit_rate: expected a rate between 0 and 1")
     if semantic.candidates < 1 or semantic.max_batch < 1 or semantic.max_queue < 1:

@@ -146,7 +146,7 @@ def _load(config: SemanticConfig, folder: str,
     from edgecache.stores.vectors import VectorIndex
 
     policy = SemanticPolicy.load(config.policy_path or None, max_false_hit_rate=config.max_false_hit_rate)
-    embedder = Embedder()
+    embedder = Embedder(cache_dir=config.model_cache_dir or None)
     index = VectorIndex(folder)
     dropped = index.reconcile(live_keys().__contains__)   # vectors of entries the disk no longer has
     if dropped:
