@@ -35,8 +35,8 @@ from edgecache.verifier import (
     vector_input,
 )
 
-__all__ = ["SIGNS", "PairSet", "fit_linear", "fit_mlp", "guard_report", "main", "pair_set", "policy_scores",
-           "scores_of", "tpr_at"]
+__all__ = ["SIGNS", "PairSet", "fit_linear", "fit_mlp", "guard_report", "main", "merge_mlps", "pair_set",
+           "policy_scores", "scores_of", "tpr_at"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,6 +177,19 @@ def fit_mlp(train: PairSet, *, parts: Sequence[str] = ("absdiff", "product", "su
                     lin2.weight.detach().numpy()[0].copy(), float(lin2.bias.detach()[0]))
 
 
+def merge_mlps(models: Sequence[MlpModel]) -> MlpModel:
+    """One MLP computing the mean logit of ``models`` (same inputs and standardisation): their
+    hidden units side by side, output weights divided by their number. An ensemble of seeds
+    ships as one wider ``MlpModel``."""
+    first = models[0]
+    if any(m.vector_parts != first.vector_parts or not np.array_equal(m.mean, first.mean) for m in models):
+        raise ValueError("only MLPs over the same inputs and standardisation can be merged")
+    k = len(models)
+    return MlpModel(first.names, first.vector_parts, first.mean, first.scale,
+                    np.concatenate([m.w1 for m in models], axis=1), np.concatenate([m.b1 for m in models]),
+                    np.concatenate([m.w2 for m in models]) / k, float(np.mean([m.b2 for m in models])))
+
+
 def tpr_at(scores: np.ndarray, labels: np.ndarray, fhr: float, allowed: Sequence[bool] | None = None) -> float:
     """Hit rate on duplicates at the threshold giving ``fhr`` false hits (empirical, no margin)."""
     s = np.where(np.asarray(allowed if allowed is not None else [True] * len(scores)), scores, -np.inf)
@@ -219,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parts", default="absdiff,product,sum", help="vector parts of the MLP input")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ensemble", type=int, default=1, help="MLPs fit from seeds seed..seed+n-1, shipped merged")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--train-min-cosine", type=float, default=0.6,
                         help="fit on pairs at least this close (the policy never verifies the others)")
@@ -241,8 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     linear = fit_linear(train)
     print("linear weights: " + ", ".join(f"{n} {w:+.2f}" for n, w in zip(FEATURES, linear.weights, strict=True)),
           file=sys.stderr)
-    mlp = fit_mlp(train, parts=args.parts.split(","), hidden=args.hidden, epochs=args.epochs, seed=args.seed,
-                  log=lambda m: print(m, file=sys.stderr))
+    mlp = merge_mlps([fit_mlp(train, parts=args.parts.split(","), hidden=args.hidden, epochs=args.epochs,
+                              seed=args.seed + k, log=lambda m: print(m, file=sys.stderr))
+                      for k in range(args.ensemble)])
     min_cos = args.min_cosine
     if min_cos is None:     # the highest cut-off that costs the loose (5 %) policy < 0.5 % of its hits
         s = scores_of(mlp, train_all, -1.0)
