@@ -19,9 +19,25 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from bench.stack import StackError
+__all__ = ["Services", "StackError", "stop_all"]
 
-__all__ = ["Services"]
+
+class StackError(RuntimeError):
+    """A service did not start, or the cache could not be warmed."""
+
+
+def stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process (last started first), wait up to 15 s each, then kill."""
+    for proc in reversed(procs.values()):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs.values():
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    procs.clear()
 
 
 class Services:
@@ -60,16 +76,7 @@ class Services:
         return "\n".join(path.read_text(errors="replace").splitlines()[-30:]) if path.exists() else ""
 
     def stop(self) -> None:
-        for proc in reversed(self.procs.values()):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.clear()
+        stop_all(self.procs)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

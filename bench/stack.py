@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,13 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from bench.procs import StackError, stop_all
+
 __all__ = ["BenchStack", "StackError", "descendants", "free_port", "listening_sockets", "post"]
 
 REGION = "bench"
-
-
-class StackError(RuntimeError):
-    """A service did not start, or the cache could not be warmed."""
 
 
 def free_port() -> int:
@@ -177,16 +174,7 @@ class BenchStack:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        for proc in reversed(self.procs.values()):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.clear()
+        stop_all(self.procs)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

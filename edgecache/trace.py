@@ -72,6 +72,10 @@ class Span(NamedTuple):
     def sampled(self) -> bool:
         return bool(self.flags & 0x01)
 
+    def response_headers(self) -> dict[str, str]:
+        """What every hop answers with: its span and the request id."""
+        return {"traceparent": self.traceparent, "X-Request-Id": self.request_id}
+
 
 def parse_traceparent(value: str | None) -> tuple[str, str, int] | None:
     """``(trace_id, parent_id, flags)`` of a valid header, None otherwise."""

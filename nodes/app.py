@@ -110,19 +110,13 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
         except Exception:
             log.exception("unhandled error on %s", request.path)
             resp = _error_response(request, 500, error_body("internal error in the edge node", "server_error"))
-        if not resp.prepared:   # a stream sent its own (_trace_headers)
-            resp.headers["traceparent"] = span.traceparent
-            resp.headers["X-Request-Id"] = span.request_id
+        if not resp.prepared:   # a stream sent its own (Span.response_headers)
+            resp.headers.update(span.response_headers())
         if access_log.isEnabledFor(logging.INFO):   # else skipped entirely (the hit path is benchmarked)
             _log_access(request, resp, span, started)
         return resp
     finally:
         CURRENT.reset(token)
-
-
-def _trace_headers(request: web.Request) -> dict[str, str]:
-    span = request[SPAN]
-    return {"traceparent": span.traceparent, "X-Request-Id": span.request_id}
 
 
 def _cache_result(cache_status: str | None) -> str | None:
@@ -396,7 +390,7 @@ async def _fan_out(request: web.Request, fill: Fill, include_usage: bool, base: 
     """Stream the fill's chunks to this client as they arrive."""
     resp = web.StreamResponse(headers={"Content-Type": _SSE, "Cache-Control": "no-cache",
                                        "Cache-Status": base + ("; stored" if fill.req.store else ""),
-                                       **_trace_headers(request)})
+                                       **request[SPAN].response_headers()})
     await resp.prepare(request)
     try:
         async for payload, plain, usage_only in fill.live_chunks():
@@ -447,7 +441,7 @@ async def _models(request: web.Request) -> web.Response:
     state = request.app[NODE]
     try:
         async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}",
-                                                            **_trace_headers(request)},
+                                                            **request[SPAN].response_headers()},
                                      timeout=aiohttp.ClientTimeout(total=10)) as resp:
             return web.Response(status=resp.status, body=await resp.read(), content_type=_JSON)
     except (aiohttp.ClientError, TimeoutError):

@@ -140,18 +140,13 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
             kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
             resp = web.Response(status=exc.status, body=error_body(exc.reason, kind),
                                 content_type="application/json")
-        if not resp.prepared:   # a stream sent its own (_trace_headers)
-            resp.headers.update(_trace_headers(request))
+        if not resp.prepared:   # a stream sent its own (Span.response_headers)
+            resp.headers.update(span.response_headers())
         if access_log.isEnabledFor(logging.INFO):
             _log_access(request, resp, span, started)
         return resp
     finally:
         CURRENT.reset(token)
-
-
-def _trace_headers(request: web.Request) -> dict[str, str]:
-    span = request[SPAN]
-    return {"traceparent": span.traceparent, "X-Request-Id": span.request_id}
 
 
 def _log_access(request: web.Request, resp: web.StreamResponse, span: Span, started: float) -> None:
@@ -185,7 +180,7 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         parsed = expand(parsed, request.app[REGISTRY].current, version=version)
         body = orjson.dumps(parsed)
     headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
-    headers.update(_trace_headers(request))
+    headers.update(request[SPAN].response_headers())
     if request[SPAN].state:
         headers["tracestate"] = request[SPAN].state
     try:
@@ -205,7 +200,7 @@ async def _forward(request: web.Request) -> web.StreamResponse:
             return resp
         resp = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type,
                                                                    "Cache-Control": "no-cache",
-                                                                   **_trace_headers(request)})
+                                                                   **request[SPAN].response_headers()})
         await resp.prepare(request)
         prepared = True
         async for chunk in upstream.content.iter_any():
