@@ -7,9 +7,11 @@ server at 127.0.0.1:4222: skipped where none runs, required under CI=true).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import aiohttp
@@ -79,6 +81,22 @@ async def settled(stack: Stack) -> None:
             follower = stack.servers[region].app[NODE].events
             while follower.fenced():
                 await follower.heard.wait()
+
+
+@contextlib.asynccontextmanager
+async def restarted(stack: Stack, region: str) -> AsyncIterator[tuple[str, TestServer]]:
+    """The region's node started again on its data folder: (its URL, its server)."""
+    server = TestServer(create_app(stack.node_configs[region]), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), server
+    finally:
+        await server.close()
+
+
+async def refund_policy_is_not_served(session: aiohttp.ClientSession, url: str) -> None:
+    status, _ = await ask(session, url, "What is the refund policy?", {"Cache-Control": "only-if-cached"})
+    assert status == 504
 
 
 @pytest.fixture
@@ -179,16 +197,10 @@ async def test_an_edge_that_was_down_catches_up_before_serving(make_stack, bus: 
         await ask(s, stack.edges["us-east"], "What is the refund policy?", {"Cache-Tag": "doc:9"})
         await stack.servers["us-east"].close()
         _, answer = await purge(stack, {"tags": ["doc:9"]}, "?wait=true&timeout=0")
-        restarted = TestServer(create_app(stack.node_configs["us-east"]), host="127.0.0.1")
-        await restarted.start_server()
-        try:
-            url = str(restarted.make_url("")).rstrip("/")
-            status, _ = await ask(s, url, "What is the refund policy?", {"Cache-Control": "only-if-cached"})
-            assert status == 504
+        async with restarted(stack, "us-east") as (url, _):
+            await refund_policy_is_not_served(s, url)
             async with s.get(url + "/healthz") as r:
                 assert (await r.json())["invalidation"]["applied_seq"] == answer["seq"]
-        finally:
-            await restarted.close()
 
 
 async def test_wait_reports_a_silent_edge_as_pending_until_it_fences(make_stack, bus: BusConfig) -> None:
@@ -288,13 +300,7 @@ async def test_a_nats_edge_fills_a_gap_in_the_stream_from_the_origins_log(make_s
             await js.purge_stream(bus.stream)
         finally:
             await nc.close()
-        restarted = TestServer(create_app(stack.node_configs["us-east"]), host="127.0.0.1")
-        await restarted.start_server()
-        try:
-            url = str(restarted.make_url("")).rstrip("/")
-            status, _ = await ask(s, url, "What is the refund policy?", {"Cache-Control": "only-if-cached"})
-            assert status == 504
-            events = restarted.app[NODE].events
+        async with restarted(stack, "us-east") as (url, server):
+            await refund_policy_is_not_served(s, url)
+            events = server.app[NODE].events
             assert events.applied == answer["seq"] and events.subscription.stats["repaired"] == 1
-        finally:
-            await restarted.close()
