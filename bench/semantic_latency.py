@@ -1,7 +1,7 @@
 """Semantic lookup latency: embed a question and search its scope, under open-loop load.
 
     python -m bench.semantic_latency [--quick] [--rates 50,200,400] [--modes ...] [--backends onnx,torch]
-                                     [--json OUT]
+                                     [--json OUT]      # backends default: the shipped policy's embedder
 
 One process, as an edge node runs it: an event loop (uvloop when installed) receiving lookups
 at a fixed mean rate (Poisson arrivals, open loop: a lookup's latency counts from when it was
@@ -20,10 +20,11 @@ a seeded sample) with every backend and with the torch reference the policy was 
 on, and reports how far each backend's vectors are from it: the cosine between a question's
 two vectors (min, mean) and the change of each pair's cosine (mean, p99, max).
 
-Backends (``Embedder(backend=...)``, each a peer in the same run): ``onnx`` (the default: the
-model exported to onnxruntime, float32, the same vectors), ``torch`` (sentence-transformers'
-model run directly, what the edge ran before), ``onnx-int8`` (quantised: faster, but its vectors
-move, so the shipped calibration does not hold for it). Every question is distinct (neither the
+Backends (``Embedder(backend=...)``, each a peer in the same run; by default the one the
+shipped policy was calibrated on, which is what an edge runs): ``onnx`` (the model exported to
+onnxruntime, float32, the same vectors as torch), ``torch`` (sentence-transformers' model run
+directly), ``onnx-int8`` (quantised: faster, its vectors move by ~0.01 in pair cosine, so it
+needs a policy calibrated on int8 vectors: the shipped one is). Every question is distinct (neither the
 batcher's de-duplication nor its memo ever helps). The model runs one intra-op thread. Lookups
 refused by a full queue (``Overloaded``) are counted, not timed.
 """
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rates", default="50,200,400", help="lookups per second to offer")
     parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     parser.add_argument("--entries", type=int, default=100_000, help="vectors in the searched scope")
-    parser.add_argument("--backends", default="onnx", help=f"any of {', '.join(BACKENDS)}, each a peer in this run")
+    parser.add_argument("--backends", default=None,
+                        help=f"any of {', '.join(BACKENDS)}, each a peer in this run (default: the shipped policy's)")
     parser.add_argument("--threads", type=int, default=1, help="the model's intra-op threads")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="model weights (bfloat16: torch backend only)")
@@ -196,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.hit_path import machine_facts
+    from bench.qqp import default_embedder
     from edgecache.stores.embed import Embedder
     from edgecache.stores.vectors import VectorIndex
 
-    backends = args.backends.split(",")
+    backends = args.backends.split(",") if args.backends else [default_embedder()]
     if unknown := set(backends) - set(BACKENDS):
         raise SystemExit(f"unknown backends: {', '.join(sorted(unknown))}")
     embedders = {}

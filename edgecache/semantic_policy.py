@@ -42,14 +42,28 @@ from edgecache.verifier import Model, features, model_from_dict, text_view
 
 __all__ = [
     "DEFAULT_PATH",
+    "EMBEDDERS",
+    "LEGACY_EMBEDDER",
     "POLICY_VERSION",
     "SemanticPolicy",
     "Verdict",
     "pair_score",
+    "policy_embedder",
 ]
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "semantic_policy.json"
 POLICY_VERSION = 1
+EMBEDDERS = ("onnx", "onnx-int8", "torch")   # edgecache.stores.embed.BACKENDS (the core does not import it)
+LEGACY_EMBEDDER = "onnx"   # a policy file without "embedder" was calibrated on float32 vectors
+
+
+def policy_embedder(doc: dict[str, Any]) -> str:
+    """The embedder backend a policy document was calibrated on (``"embedder"``; float32
+    ``LEGACY_EMBEDDER`` for files written before the field). ValueError for an unknown one."""
+    name = doc.get("embedder", LEGACY_EMBEDDER)
+    if name not in EMBEDDERS:
+        raise ValueError(f"semantic policy embedder {name!r}; known: {', '.join(EMBEDDERS)}")
+    return str(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +110,22 @@ class SemanticPolicy:
     min_cosine: neighbours below this cosine are never verified (use it as the index search
     cut-off). threshold: the vector verifier's threshold (the text verifier's when the policy
     has no vector verifier). text_threshold: the text verifier's. max_false_hit_rate: the
-    target the thresholds were picked for.
+    target the thresholds were picked for. embedder: the embedder backend (``onnx``,
+    ``onnx-int8``, ``torch``) whose vectors the verifier was trained and calibrated on: cosines
+    and vectors from another backend void the bound (int8 vectors move pair cosines by ~0.01),
+    so an edge embeds with exactly this backend (``onnx`` and ``torch`` are the same float32
+    vectors, either serves a float32 policy).
     """
 
-    __slots__ = ("_text", "_vector", "guards", "max_false_hit_rate", "min_cosine",
+    __slots__ = ("_text", "_vector", "embedder", "guards", "max_false_hit_rate", "min_cosine",
                  "text_threshold", "threshold")
 
     def __init__(self, *, text: tuple[Model, Calibration], vector: tuple[Model, Calibration] | None,
-                 guards: Sequence[str], min_cosine: float, max_false_hit_rate: float = 0.01) -> None:
+                 guards: Sequence[str], min_cosine: float, max_false_hit_rate: float = 0.01,
+                 embedder: str = LEGACY_EMBEDDER) -> None:
+        if embedder not in EMBEDDERS:
+            raise ValueError(f"unknown embedder {embedder!r}; known: {', '.join(EMBEDDERS)}")
+        self.embedder = embedder
         if not 0.0 < max_false_hit_rate < 1.0:
             raise ValueError(f"max_false_hit_rate must be in (0, 1), got {max_false_hit_rate}")
         unknown = [g for g in guards if g not in ALL_GUARDS]
@@ -124,7 +146,8 @@ class SemanticPolicy:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], *, max_false_hit_rate: float = 0.01) -> SemanticPolicy:
-        """A policy from the JSON document ``bench/semantic_train.py`` and ``edgecache calibrate`` write."""
+        """A policy from the JSON document ``bench/semantic_train.py`` and ``edgecache calibrate`` write
+        (``"embedder"``: the backend it was calibrated on; absent in older files: float32)."""
         if doc.get("version") != POLICY_VERSION:
             raise ValueError(f"semantic policy version {doc.get('version')!r}, this code reads {POLICY_VERSION}")
         parts = {name: (model_from_dict(v["model"]), Calibration.from_dict(v["calibration"]))
@@ -132,7 +155,8 @@ class SemanticPolicy:
         if "text" not in parts:
             raise ValueError("a semantic policy needs a text verifier")
         return cls(text=parts["text"], vector=parts.get("vector"), guards=doc["guards"],
-                   min_cosine=doc["min_cosine"], max_false_hit_rate=max_false_hit_rate)
+                   min_cosine=doc["min_cosine"], max_false_hit_rate=max_false_hit_rate,
+                   embedder=policy_embedder(doc))
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, max_false_hit_rate: float = 0.01) -> SemanticPolicy:
@@ -171,5 +195,6 @@ class SemanticPolicy:
         return Verdict(score > threshold, score, cosine, "ok" if score > threshold else "below_threshold")
 
     def __repr__(self) -> str:
-        return (f"SemanticPolicy(max_false_hit_rate={self.max_false_hit_rate}, threshold={self.threshold:.4f}, "
+        return (f"SemanticPolicy(embedder={self.embedder!r}, max_false_hit_rate={self.max_false_hit_rate}, "
+                f"threshold={self.threshold:.4f}, "
                 f"text_threshold={self.text_threshold:.4f}, min_cosine={self.min_cosine}, guards={self.guards})")

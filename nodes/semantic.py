@@ -7,6 +7,11 @@ and the policy accepts the pair. Vectors of entries that are gone are dropped on
 
 Optional: without ``pip install edgecache[semantic]`` the tier reports why it is unavailable
 and the node runs with its exact tiers only.
+
+The edge embeds with the backend its policy was calibrated on (``SemanticPolicy.embedder``:
+``onnx``, ``onnx-int8`` or ``torch``), never another: vectors of another backend would void the
+policy's false-hit bound. When that backend cannot run here (onnxruntime missing, the model
+export failing, ...) the tier is unavailable and ``/healthz`` says why; it does not fall back.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from edgecache.entry import Entry
 from edgecache.errors import Overloaded
 from edgecache.semantic import SemanticQuery
 
-__all__ = ["SemanticHit", "SemanticTier", "open_semantic_tier"]
+__all__ = ["EmbedderUnavailable", "SemanticHit", "SemanticTier", "open_semantic_tier"]
 
 log = logging.getLogger("edgecache.node.semantic")
+
+
+class EmbedderUnavailable(RuntimeError):
+    """The embedder backend the policy was calibrated on cannot run on this node."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +45,13 @@ class SemanticHit:
 
 
 class SemanticTier:
-    """Embedder, scoped vector index and hit policy of one edge node."""
+    """Embedder, scoped vector index and hit policy of one edge node.
 
-    def __init__(self, config: SemanticConfig, batcher: Any, index: Any, policy: Any) -> None:
+    ``embedder`` names the backend the batcher's model runs (the policy's: ``open_semantic_tier``)."""
+
+    def __init__(self, config: SemanticConfig, batcher: Any, index: Any, policy: Any, embedder: str) -> None:
         self.config = config
+        self.embedder = embedder
         self.batcher = batcher
         self.index = index
         self.policy = policy
@@ -99,7 +111,8 @@ class SemanticTier:
 
     def health(self) -> dict[str, Any]:
         return {"status": "enabled", "vectors": len(self.index), "lookups": self.lookups, "hits": self.hits,
-                "overloaded": self.overloaded, "threshold": self.policy.threshold,
+                "overloaded": self.overloaded, "embedder": self.embedder,
+                "threshold": self.policy.threshold,
                 "max_false_hit_rate": self.policy.max_false_hit_rate}
 
     async def save_periodically(self) -> None:
@@ -130,10 +143,13 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str, live_keys: C
     except ImportError as exc:
         log.warning("semantic tier unavailable (pip install 'edgecache[semantic]'): %s", exc)
         return None, f"unavailable: {exc.name or exc} is not installed (pip install 'edgecache[semantic]')"
+    except EmbedderUnavailable as exc:
+        log.error("semantic tier unavailable: %s", exc)
+        return None, f"unavailable: {exc}"
     batcher = batcher_class(embedder.encode, window_s=config.batch_window_s, max_batch=config.max_batch,
                             max_queue=config.max_queue)
     await batcher.start()
-    return SemanticTier(config, batcher, index, policy), "enabled"
+    return SemanticTier(config, batcher, index, policy, embedder.backend), "enabled"
 
 
 def _load(config: SemanticConfig, folder: str,
@@ -146,7 +162,17 @@ def _load(config: SemanticConfig, folder: str,
     from edgecache.stores.vectors import VectorIndex
 
     policy = SemanticPolicy.load(config.policy_path or None, max_false_hit_rate=config.max_false_hit_rate)
-    embedder = Embedder(cache_dir=config.model_cache_dir or None)
+    try:   # exactly the policy's backend: Embedder never falls back when one is named
+        embedder = Embedder(backend=policy.embedder, cache_dir=config.model_cache_dir or None)
+    except ImportError as exc:
+        raise EmbedderUnavailable(f"the policy was calibrated on the {policy.embedder} embedder, which needs "
+                                  f"{exc.name or exc} (not installed: pip install 'edgecache[semantic]')") from exc
+    except Exception as exc:
+        raise EmbedderUnavailable(f"the policy was calibrated on the {policy.embedder} embedder, which cannot run "
+                                  f"here: {type(exc).__name__}: {exc}") from exc
+    if embedder.backend != policy.embedder:
+        raise EmbedderUnavailable(f"the policy was calibrated on the {policy.embedder} embedder, "
+                                  f"but {embedder.backend} loaded")
     index = VectorIndex(folder)
     dropped = index.reconcile(live_keys().__contains__)   # vectors of entries the disk no longer has
     if dropped:
