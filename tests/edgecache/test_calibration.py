@@ -172,3 +172,23 @@ def test_calibrate_tool_names_the_bad_line(tmp_path, text_only_policy, capsys) -
     bad.write_text('{"a": "x", "b": "y", "label": 1, "cosine": 0.9}\n{"a": "x", "label": 3}\n')
     assert main([str(bad), "--policy", str(text_only_policy), "--out", str(tmp_path / "o.json")]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("base", "flag", "written"), [
+    ("onnx-int8", [], "onnx-int8"), (None, [], "onnx"), ("onnx-int8", ["--embedder", "torch"], "torch")])
+def test_calibrate_tool_records_the_embedder_it_calibrated_on(tmp_path, text_only_policy, base, flag,
+                                                               written) -> None:
+    from edgecache.calibrate import main
+    from edgecache.semantic_policy import SemanticPolicy
+
+    doc = json.loads(text_only_policy.read_text())
+    doc.pop("embedder", None)
+    if base is not None:
+        doc["embedder"] = base
+    text_only_policy.write_text(json.dumps(doc))
+    write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "mine.json"
+    assert main([str(tmp_path / "pairs.jsonl"), "--policy", str(text_only_policy), "--out", str(out),
+                 "--targets", "0.05", *flag]) == 0
+    assert json.loads(out.read_text())["embedder"] == written
+    assert SemanticPolicy.load(out, max_false_hit_rate=0.05).embedder == written

@@ -364,3 +364,17 @@ async def test_real_model_behind_the_batcher_answers_each_caller(embedder: Embed
 
     expected = await asyncio.to_thread(embedder.encode, texts)
     assert np.allclose(np.stack(vectors), expected, atol=1e-5)
+
+
+def test_int8_vectors_do_not_depend_on_their_batch(model_cache: str) -> None:
+    """int8 activations are quantised per tensor: padded together, texts would move each other's vectors."""
+    int8 = Embedder(backend="onnx-int8", cache_dir=model_cache)
+    texts = ["short", "How do I reset my password?", "word " * 400, "Où est la gare ?",
+             "What is the balance of account 1234 and why did it change last week?"]
+
+    together = int8.encode(texts)
+    alone = np.concatenate([int8.encode([t]) for t in texts])
+
+    assert int8.backend == "onnx-int8"
+    assert np.array_equal(together, alone)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)

@@ -108,3 +108,27 @@ def test_different_questions_miss_with_real_embeddings(embed, a: str, b: str, re
     verdict = SemanticPolicy.load().judge(a, b, float(u @ v), u, v)
     assert not verdict.hit
     assert verdict.reason in reasons
+
+
+def test_the_embedder_a_policy_was_calibrated_on_round_trips(tmp_path) -> None:
+    doc = json.loads(DEFAULT_PATH.read_text())
+    assert SemanticPolicy.load().embedder == doc["embedder"]
+    for name in ("onnx", "onnx-int8", "torch"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**doc, "embedder": name}))
+        assert SemanticPolicy.load(path).embedder == name
+        assert json.loads(path.read_text())["embedder"] == name
+
+
+def test_a_policy_file_without_an_embedder_was_calibrated_on_float32_vectors(tmp_path) -> None:
+    doc = {k: v for k, v in json.loads(DEFAULT_PATH.read_text()).items() if k != "embedder"}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc))
+    assert SemanticPolicy.load(path).embedder == "onnx"
+
+
+def test_a_policy_naming_an_unknown_embedder_is_refused(tmp_path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({**json.loads(DEFAULT_PATH.read_text()), "embedder": "onnx-int4"}))
+    with pytest.raises(ValueError, match="onnx-int4"):
+        SemanticPolicy.load(path)

@@ -113,3 +113,76 @@ async def test_restarted_edge_keeps_its_semantic_index_consistent_with_disk(make
         assert "semantic" in status and second == first
     finally:
         await restarted.close()
+
+
+@pytest.fixture
+def policy_on(tmp_path):
+    """The shipped policy's file, saying it was calibrated on each embedder backend in turn."""
+    from edgecache.semantic_policy import DEFAULT_PATH
+
+    doc = orjson.loads(DEFAULT_PATH.read_bytes())
+    paths = {}
+    for embedder in ("onnx", "onnx-int8", "torch"):
+        paths[embedder] = tmp_path / f"policy-{embedder}.json"
+        paths[embedder].write_bytes(orjson.dumps({**doc, "embedder": embedder}))
+    return lambda embedder: str(paths[embedder])
+
+
+async def health_of(edge: str) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(edge + "/healthz") as r:
+        return (await r.json())["semantic"]
+
+
+@pytest.mark.parametrize(("policy_embedder", "other"), [("onnx-int8", "onnx"), ("onnx", "onnx-int8")])
+async def test_the_edge_embeds_with_the_backend_its_policy_was_calibrated_on(make_stack, policy_on, model_cache,
+                                                                             policy_embedder, other) -> None:
+    import asyncio
+
+    import numpy as np
+
+    from edgecache.stores.embed import Embedder
+    from nodes.app import NODE
+
+    config = SemanticConfig(enabled=True, policy_path=policy_on(policy_embedder), model_cache_dir=model_cache)
+    stack = await make_stack(node_overrides={"semantic": config})
+    health = await health_of(stack.edges["us-east"])
+    assert health["status"] == "enabled" and health["embedder"] == policy_embedder
+    question = "How do I export the invoices of my whole team?"
+    served = await stack.servers["us-east"].app[NODE].semantic.embed(question)
+    want, unwanted = await asyncio.to_thread(
+        lambda: [Embedder(backend=b, cache_dir=model_cache).encode([question])[0] for b in (policy_embedder, other)])
+    assert np.allclose(served, want, atol=1e-6)
+    assert not np.allclose(served, unwanted, atol=1e-3)
+
+
+async def test_a_policy_whose_embedder_cannot_run_leaves_the_tier_unavailable_and_says_why(
+        make_stack, policy_on, model_cache, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)    # as if onnxruntime were not installed
+    config = SemanticConfig(enabled=True, policy_path=policy_on("onnx-int8"), model_cache_dir=model_cache)
+    stack = await make_stack(node_overrides={"semantic": config})
+    edge = stack.edges["us-east"]
+    health = await health_of(edge)
+    assert health["status"].startswith("unavailable")
+    assert "onnx-int8" in health["status"] and "onnxruntime" in health["status"]
+    status, _ = await ask(edge, chat("How do I reset my password?"))      # exact tiers still serve
+    status, _ = await ask(edge, chat("How can I reset my password?"))
+    assert "semantic" not in status and "fwd=miss" in status
+
+
+@pytest.fixture
+def not_a_folder(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    return blocker
+
+
+async def test_a_policy_whose_model_cannot_be_exported_leaves_the_tier_unavailable(make_stack, policy_on,
+                                                                                   not_a_folder) -> None:
+    blocker = not_a_folder
+    config = SemanticConfig(enabled=True, policy_path=policy_on("onnx-int8"),
+                            model_cache_dir=str(blocker / "models"))   # a read-only image without the export
+    stack = await make_stack(node_overrides={"semantic": config})
+    health = await health_of(stack.edges["us-east"])
+    assert health["status"].startswith("unavailable: the policy was calibrated on the onnx-int8 embedder")
