@@ -495,7 +495,7 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     me = edge_id(config.region, config.instance or socket.gethostname(), app[WORKER])
     over_http = HttpSubscription(session, config.node_token, me, config.max_staleness_s)
     subscription = (over_http if config.bus.kind == "embedded"
-                    else NatsSubscription(config.bus, me, config.max_staleness_s, repair=over_http))
+                    else NatsSubscription(config.bus, config.node_token, me, config.max_staleness_s, repair=over_http))
     state.events = EventFollower(subscription, config.data_dir, state.apply_event, state.purge_all,
                                  max_staleness_s=config.max_staleness_s, heartbeat_s=config.bus.heartbeat_s)
     await state.events.start()

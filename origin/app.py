@@ -291,7 +291,7 @@ async def _origin_state(app: web.Application) -> AsyncIterator[None]:
     await feed.start()
     announcer = None
     if config.bus.kind == "nats":
-        announcer = NatsAnnouncer(config.bus, feed.since_payloads, feed.ping)
+        announcer = NatsAnnouncer(config.bus, config.auth.node_token, feed.since_payloads, feed.ping)
         feed.on_append.append(announcer.wake)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:

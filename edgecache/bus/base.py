@@ -19,11 +19,23 @@ An edge is one worker process of one node of a region; ``edge_id`` is
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["Batch", "BusError", "Report", "Subscription", "edge_id"]
+__all__ = ["Batch", "BusError", "Report", "Subscription", "edge_id", "sign", "signed_by"]
+
+
+def sign(secret: str, payload: bytes) -> str:
+    """HMAC-SHA256 of ``payload`` keyed with the node token: what bus messages carry, so that a
+    publisher on the broker without the token can neither forge events nor heartbeats."""
+    return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
+
+
+def signed_by(secret: str, payload: bytes, signature: str | None) -> bool:
+    return signature is not None and hmac.compare_digest(sign(secret, payload), signature)
 
 
 class BusError(Exception):

@@ -10,8 +10,13 @@ durable pull consumer of it.
   new messages only when first created: the edge catches up over HTTP at start). A restarted
   edge resumes from its consumer's acknowledged position.
 - Heartbeats: each ``fetch`` first asks the origin ``<subject>.ping`` (core request/reply, the
-  origins answer as queue group ``origin``) with the edge's report; the answer carries the log's
-  first and last sequence. If JetStream has not delivered everything up to the last sequence
+  origins answer as queue group ``origin``) with the edge's report and a fresh nonce; the answer
+  carries the log's first and last sequence and the nonce.
+- Every message (event, ping, answer) carries ``EdgeCache-Signature``, an HMAC-SHA256 keyed with
+  the node token: anyone else able to publish on the broker can forge neither events (an event
+  with a made-up high sequence would make edges skip real ones) nor heartbeats (a forged or
+  replayed answer would keep a stale edge from fencing itself). Unsigned or mis-signed messages
+  are dropped and logged; a dropped event is a gap, filled over HTTP. If JetStream has not delivered everything up to the last sequence
   (consumer created late, stream trimmed, a publish lost), the gap is filled over HTTP from the
   origin's log, so the edge never skips an event.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,7 +45,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from edgecache.bus.base import Batch, BusError, Report, Subscription
+from edgecache.bus.base import Batch, BusError, Report, Subscription, sign, signed_by
 from edgecache.config import BusConfig
 
 __all__ = ["NatsAnnouncer", "NatsSubscription", "consumer_name", "ping_subject"]
@@ -54,7 +60,12 @@ STREAM_MAX_AGE_S = 7 * 86400.0
 STREAM_MAX_MSGS = 1_000_000
 DUPLICATE_WINDOW_S = 600.0
 CONSUMER_INACTIVE_S = 7 * 86400.0
+SIGNATURE = "EdgeCache-Signature"
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
+
+
+def _signature(msg: Any) -> str | None:
+    return (msg.headers or {}).get(SIGNATURE)
 
 
 def ping_subject(config: BusConfig) -> str:
@@ -83,9 +94,10 @@ class NatsAnnouncer:
     ``on_ping(report)`` records an edge's report and returns ``{"first_seq", "last_seq"}``.
     """
 
-    def __init__(self, config: BusConfig, read_since: Callable[[int], Awaitable[list[tuple[int, bytes]]]],
+    def __init__(self, config: BusConfig, token: str, read_since: Callable[[int], Awaitable[list[tuple[int, bytes]]]],
                  on_ping: Callable[[Report], Awaitable[dict[str, int]]]) -> None:
         self.config = config
+        self._token = token
         self._read_since = read_since
         self._on_ping = on_ping
         self._nc: nats.NATS | None = None
@@ -149,7 +161,8 @@ class NatsAnnouncer:
             self._wake.clear()
             for seq, payload in await self._read_since(self.published):
                 await js.publish(self.config.subject, payload, stream=self.config.stream,
-                                 headers={"Nats-Msg-Id": f"{self.config.stream}:{seq}"})
+                                 headers={"Nats-Msg-Id": f"{self.config.stream}:{seq}",
+                                          SIGNATURE: sign(self._token, payload)})
                 self.published = seq
 
     async def _disconnect(self) -> None:
@@ -162,12 +175,20 @@ class NatsAnnouncer:
                 pass
 
     async def _ping(self, msg: Any) -> None:
-        try:
-            report = Report.from_json(orjson.loads(msg.data))
-        except (orjson.JSONDecodeError, ValueError) as exc:
-            await msg.respond(orjson.dumps({"error": str(exc)}))
+        if not signed_by(self._token, msg.data, _signature(msg)):
+            log.warning("dropping a ping without a valid signature on %s", msg.subject)
             return
-        await msg.respond(orjson.dumps(await self._on_ping(report)))
+        try:
+            data = orjson.loads(msg.data)
+            report, nonce = Report.from_json(data), data["nonce"]
+            if not isinstance(nonce, str) or len(nonce) > 64:
+                raise ValueError("a ping carries a nonce of at most 64 characters")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("dropping a malformed ping: %s", exc)
+            return
+        answer = orjson.dumps({**await self._on_ping(report), "nonce": nonce})
+        if self._nc is not None and msg.reply:
+            await self._nc.publish(msg.reply, answer, headers={SIGNATURE: sign(self._token, answer)})
 
     async def close(self) -> None:
         if self._task is not None:
@@ -179,8 +200,10 @@ class NatsAnnouncer:
 class NatsSubscription:
     """An edge worker's side. ``repair`` reads the origin's log over HTTP to fill gaps."""
 
-    def __init__(self, config: BusConfig, edge: str, max_staleness_s: float, repair: Subscription) -> None:
+    def __init__(self, config: BusConfig, token: str, edge: str, max_staleness_s: float,
+                 repair: Subscription) -> None:
         self.config = config
+        self._token = token
         self.edge = edge
         self.max_staleness_s = max_staleness_s
         self._repair = repair
@@ -205,10 +228,16 @@ class NatsSubscription:
         if self._nc is None or self._sub is None:
             await self.start()
         assert self._nc is not None
-        report = Report(self.edge, after, self.max_staleness_s)
+        nonce = secrets.token_hex(16)
+        ping = orjson.dumps({**Report(self.edge, after, self.max_staleness_s).to_json(), "nonce": nonce})
         try:
-            answer = orjson.loads((await self._nc.request(ping_subject(self.config), orjson.dumps(report.to_json()),
-                                                          timeout=PING_TIMEOUT_S)).data)
+            reply = await self._nc.request(ping_subject(self.config), ping, timeout=PING_TIMEOUT_S,
+                                           headers={SIGNATURE: sign(self._token, ping)})
+            if not signed_by(self._token, reply.data, _signature(reply)):
+                raise ValueError("the answer is not signed with the node token")
+            answer = orjson.loads(reply.data)
+            if answer.get("nonce") != nonce:
+                raise ValueError("the answer is not to this ping")
             first, last = int(answer["first_seq"]), int(answer["last_seq"])
         except (*_NATS_ERRORS, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise BusError(f"ping to the origin over NATS: {exc!r}") from exc
@@ -220,6 +249,11 @@ class NatsSubscription:
         except _NATS_ERRORS as exc:
             raise BusError(f"fetching from stream {self.config.stream}: {exc!r}") from exc
         for msg in msgs:
+            if not signed_by(self._token, msg.data, _signature(msg)):
+                log.error("dropping an event without a valid signature on %s (filled from the origin's log)",
+                          self.config.subject)
+                await msg.term()
+                continue
             try:
                 event = orjson.loads(msg.data)
                 seq = int(event["seq"])

@@ -304,3 +304,35 @@ async def test_a_nats_edge_fills_a_gap_in_the_stream_from_the_origins_log(make_s
             await refund_policy_is_not_served(s, url)
             events = server.app[NODE].events
             assert events.applied == answer["seq"] and events.subscription.stats["repaired"] == 1
+
+
+@pytest.mark.parametrize("bus", ["nats"], indirect=True)
+async def test_forged_nats_messages_are_dropped(make_stack, bus: BusConfig) -> None:
+    """Someone who can publish on the broker but has no node token can neither inject an event
+    (a made-up high sequence would make edges skip real ones) nor speak for an edge."""
+    import nats
+
+    stack = await make_stack(regions=("us-east", "eu-west"), bus=bus)
+    await settled(stack)
+    silent = stack.servers["eu-west"].app[NODE].events.subscription
+
+    async def crash() -> None:
+        pass
+
+    silent.leave = crash
+    await stack.servers["eu-west"].close()
+    nc = await nats.connect(bus.nats_url)
+    try:
+        forged = {"seq": 10**6, "created": 0, "source_id": "x", "tags": ["doc:1"], "keys": [], "prefixes": [],
+                  "all": True, "soft": False}
+        await nc.jetstream().publish(bus.subject, orjson.dumps(forged), stream=bus.stream)
+        report = {"edge": me("eu-west"), "applied": 10**6, "max_staleness_s": 60.0, "nonce": "n"}
+        await nc.publish(f"{bus.subject}.ping", orjson.dumps(report), headers={"EdgeCache-Signature": "0" * 64})
+        await nc.flush()
+    finally:
+        await nc.close()
+    status, answer = await purge(stack, {"tags": ["doc:2"]}, "?wait=true&timeout=1")
+    states = {e["edge"]: (e["state"], e["applied_seq"]) for e in answer["edges"]}
+    assert status == 202 and states[me("eu-west")][0] == "pending"          # the forged report was ignored
+    assert states[me("us-east")] == ("applied", answer["seq"])               # the real events still apply
+    assert stack.servers["us-east"].app[NODE].events.applied == answer["seq"] < 10**6
