@@ -151,6 +151,18 @@ class OriginConfig:
     requests in flight exceed the least-loaded one's by more than this (8) ...
     prefix_balance_rel: ... and by more than this factor (1.5).
     prefix_tree_chars: ``prefix_aware``: prompt characters remembered per backend (4000000).
+    coalesce: identical requests in flight (same tenant, endpoint, prefix version, canonical request
+    and wire format) share one backend request, streamed live to each (true); see ``origin/coalesce.py``.
+    coalesce_max_waiters: requests sharing one backend request at most, the first included (256);
+    further identical ones go to a backend on their own.
+    coalesce_max_flights: coalescable backend requests in flight at most (4096); beyond, requests
+    are not coalesced.
+    max_in_flight_per_backend: requests in flight on one backend at most (256, vLLM's default
+    ``max_num_seqs``); 0 is no bound. A request finding every usable backend full waits in the queue.
+    queue_size: requests waiting for a backend slot at most (1024); beyond it, or after
+    ``queue_timeout_s``, the origin answers 429 ``origin_overloaded`` with ``Retry-After``.
+    queue_timeout_s: longest wait for a backend slot, seconds (5).
+    retry_after_s: ``Retry-After`` of the origin's own 429, seconds (1).
     """
 
     host: str = "127.0.0.1"
@@ -174,6 +186,13 @@ class OriginConfig:
     prefix_balance_abs: int = 8
     prefix_balance_rel: float = 1.5
     prefix_tree_chars: int = 4_000_000
+    coalesce: bool = True
+    coalesce_max_waiters: int = 256
+    coalesce_max_flights: int = 4096
+    max_in_flight_per_backend: int = 256
+    queue_size: int = 1024
+    queue_timeout_s: float = 5.0
+    retry_after_s: int = 1
 
     @property
     def base_url(self) -> str:
@@ -389,6 +408,8 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
                           f"prefix_balance_rel at least 1")
     if origin.breaker_failures < 1 or origin.prefix_tree_chars < 1:
         raise ConfigError(f"{source}: origin: breaker_failures and prefix_tree_chars must be >= 1")
+    if origin.coalesce_max_waiters < 1 or origin.coalesce_max_flights < 1:
+        raise ConfigError(f"{source}: origin: coalesce_max_waiters and coalesce_max_flights must be >= 1")
     sim = _build(SimConfig, raw.get("sim", {"count": 0}), f"{source}: sim")
     if sim.block_size < 1 or sim.kv_capacity_blocks < 1 or sim.max_running < 1:
         raise ConfigError(f"{source}: sim: block_size, kv_capacity_blocks and max_running must be >= 1")
