@@ -23,6 +23,10 @@ Cache-Status: ``Verdict.score`` is the verifier's probability and ``Verdict.cosi
 embedding similarity; the edge reports the cosine in ``detail="semantic 0.962"`` (the
 number operators can compare across policies and models) and may log the score.
 
+The policy is valid only for the vectors it was calibrated on: its file names the embedder
+backend (``"embedder"``: ``onnx``, ``onnx-int8`` or ``torch``; ``SemanticPolicy.embedder``), and an
+edge embeds with exactly that backend (int8 vectors move pair cosines by about 0.01).
+
 The pair is judged as one bet: an edge that judges several neighbours of one query and
 takes the first hit raises its false-hit rate up to that many times; judge the nearest only.
 """
