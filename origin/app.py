@@ -1,4 +1,8 @@
-"""The origin service: authenticates edge nodes and forwards their misses to a backend."""
+"""The origin service: authenticates edge nodes and forwards their misses to a backend.
+
+Identical misses in flight share one backend request (``origin/coalesce.py``); a backend holds
+a bounded number of requests and the origin answers 429 when all are full (``origin/backends.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -27,10 +32,11 @@ from edgecache.errors import (
     error_body,
 )
 from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
-from edgecache.prefix import Prefix, expand, route_text
+from edgecache.prefix import Prefix, expand, prefix_reference, route_text
 from edgecache.trace import Span, start_span
 from origin.admin import MAX_PREFIX_BYTES, REGISTRY, WARMER, add_prefix_routes
-from origin.backends import BackendPool
+from origin.backends import BackendPool, OriginOverloaded
+from origin.coalesce import Flight, Flights, Head, flight_key
 from origin.eventlog import EventLog
 from origin.hooks import WEBHOOK_SECRET, add_hook_routes
 from origin.prefixes import PrefixRegistry
@@ -54,6 +60,10 @@ class OriginState:
                                 ["backend", "status"], registry=self.registry)
         self.failures = Counter("edgecache_origin_failures", "Requests no backend could take",
                                 registry=self.registry)
+        self.flights = Flights(max_waiters=config.origin.coalesce_max_waiters,
+                               max_flights=config.origin.coalesce_max_flights)
+        self.coalesced = Counter("edgecache_origin_coalesced", "Requests that joined an identical one in flight",
+                                 registry=self.registry)
         self.registry.register(_BackendCollector(self.pool))
 
 
@@ -86,6 +96,10 @@ class _BackendCollector(Collector):
                 routed.add_metric([b["name"], reason], count)
         yield from gauges.values()
         yield routed
+        yield GaugeMetricFamily("edgecache_origin_queued", "Requests waiting for a backend slot",
+                                value=self.pool.queued)
+        yield CounterMetricFamily("edgecache_origin_overloaded", "Requests answered 429 origin_overloaded",
+                                  value=self.pool.overloaded)
 
 
 ORIGIN = web.AppKey("origin", OriginState)
@@ -134,6 +148,8 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
             resp = await handler(request)
         except EdgeCacheError as exc:
             resp = web.Response(status=exc.status, body=exc.body(), content_type="application/json")
+            if isinstance(exc, OriginOverloaded):
+                resp.headers["Retry-After"] = str(exc.retry_after_s)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -165,7 +181,8 @@ def _log_access(request: web.Request, resp: web.StreamResponse, span: Span, star
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
-    """Pass a completion request to a backend and its answer back, streaming as it comes."""
+    """Pass a completion request to a backend and its answer back, streaming as it comes;
+    an identical request already in flight is joined instead (``origin/coalesce.py``)."""
     state = request.app[ORIGIN]
     raw = await request.read()
     try:
@@ -174,44 +191,67 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise BadRequest("The request body must be a JSON object")
-    body = raw
+    body, expanded, prefix = raw, parsed, None
     if "prefix" in parsed:   # edges send the reference, never the text
-        version = request.headers.get("X-EdgeCache-Prefix-Version")
-        parsed = expand(parsed, request.app[REGISTRY].current, version=version)
-        body = orjson.dumps(parsed)
+        current = request.app[REGISTRY].current
+        expanded = expand(parsed, current, version=request.headers.get("X-EdgeCache-Prefix-Version"))
+        prefix_id = prefix_reference(parsed, "chat")
+        assert prefix_id is not None
+        prefix = (prefix_id, current[prefix_id].version)   # the text expand just used
+        body = orjson.dumps(expanded)
+    key = None
+    if state.config.origin.coalesce:
+        endpoint = "chat" if request.path == "/v1/chat/completions" else "completions"
+        key = flight_key(endpoint, parsed, tenant=request.headers.get("X-EdgeCache-Tenant"), prefix=prefix,
+                         cache_control=request.headers.get("Cache-Control"))
     headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
     headers.update(request[SPAN].response_headers())
     if request[SPAN].state:
         headers["tracestate"] = request[SPAN].state
+    flight, joined = state.flights.join(key, partial(_upstream, state, request.path, body, headers,
+                                                     route_text(expanded)))
+    if joined:
+        state.coalesced.inc()
     try:
-        backend, upstream = await state.pool.open("POST", request.path, body, headers, route=route_text(parsed))
+        head = await flight.wait_head()
+        request[BACKEND] = head.backend
+        if not head.streaming:
+            resp = web.Response(status=head.status, body=await flight.body())
+            resp.headers["Content-Type"] = head.content_type
+            return resp
+        resp = web.StreamResponse(status=head.status, headers={"Content-Type": head.content_type,
+                                                               "Cache-Control": "no-cache",
+                                                               **request[SPAN].response_headers()})
+        await resp.prepare(request)
+        try:
+            async for chunk in flight.live():
+                await resp.write(chunk)
+        except ConnectionResetError:
+            return resp   # this client left; the flight goes on for the others
+        if flight.failure is not None:
+            # After the first byte nothing is retried: cut the client's stream so it is never stored.
+            raise ConnectionAbortedError(flight.failure.message)   # aiohttp drops the connection
+        await resp.write_eof()
+        return resp
+    finally:
+        flight.leave()
+
+
+async def _upstream(state: OriginState, path: str, body: bytes, headers: dict[str, str], route: str,
+                    flight: Flight) -> None:
+    """A flight's backend request: the head, then the body as it arrives, into ``flight``."""
+    try:
+        backend, upstream = await state.pool.open("POST", path, body, headers, route=route)
     except EdgeCacheError:
         state.failures.inc()
         raise
     state.requests.labels(backend.name, str(upstream.status)).inc()
-    request[BACKEND] = backend.name
-    prepared = False
     try:
-        content_type = upstream.headers.get("Content-Type", "application/json")
-        if not content_type.startswith("text/event-stream"):
-            data = await upstream.read()
-            resp = web.Response(status=upstream.status, body=data)
-            resp.headers["Content-Type"] = content_type
-            return resp
-        resp = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type,
-                                                                   "Cache-Control": "no-cache",
-                                                                   **request[SPAN].response_headers()})
-        await resp.prepare(request)
-        prepared = True
+        flight.begin(Head(upstream.status, upstream.headers.get("Content-Type", "application/json"), backend.name))
         async for chunk in upstream.content.iter_any():
-            await resp.write(chunk)
-        await resp.write_eof()
-        return resp
+            flight.feed(chunk)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        # After the first byte nothing is retried: cut the client's stream so it is never stored.
         log.warning("backend %s failed mid-answer: %r", backend.name, exc)
-        if prepared:
-            raise   # aiohttp drops the connection: the edge sees a stream without [DONE]
         raise UpstreamUnavailable(f"backend {backend.name} failed mid-answer") from None
     finally:
         upstream.release()

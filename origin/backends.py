@@ -7,6 +7,12 @@ moves on to the next candidate (up to ``retries`` more); a 429 moves on too, wit
 counting against the backend. After the first byte nothing is retried: the answer is
 already flowing to the client.
 
+Back-pressure: a backend holds at most ``max_in_flight_per_backend`` requests; routing only
+considers backends with room. When every usable one is full, the request waits in a FIFO
+queue (at most ``queue_size`` requests, each at most ``queue_timeout_s``) for a slot; beyond
+that, or when every backend tried answered 429, ``open`` raises :class:`OriginOverloaded`
+(429 ``origin_overloaded``, with the ``Retry-After`` to send) instead of queueing unboundedly.
+
 Each backend has:
 
 - a **health check**: a background task GETs ``/health`` every ``health_interval_s``; a
@@ -32,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,16 +46,37 @@ from typing import Any
 import aiohttp
 
 from edgecache.config import BackendConfig, OriginConfig
-from edgecache.errors import UpstreamTimeout, UpstreamUnavailable
+from edgecache.errors import Overloaded, UpstreamTimeout, UpstreamUnavailable
 from origin.routing import Decision, PrefixAwareParams, Router, make_router
 from origin.vllm_metrics import BackendMetrics, parse_metrics
 
-__all__ = ["Backend", "BackendPool", "CircuitBreaker"]
+__all__ = ["Backend", "BackendPool", "CircuitBreaker", "OriginOverloaded"]
 
 log = logging.getLogger("edgecache.origin")
 
 _FAILED = frozenset({502, 503, 504})   # the backend is broken: try another, count a failure
 _BUSY = frozenset({429})                # the backend is full: try another, no failure
+
+
+class OriginOverloaded(Overloaded):
+    """Every usable backend is full or answered 429, and no slot freed up in time (429).
+
+    ``retry_after_s``: the ``Retry-After`` to send (a backend's own value when it gave one).
+    """
+
+    code = "origin_overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(value: str | None, default: int) -> int:
+    """A backend's ``Retry-After`` in whole seconds (an HTTP date or garbage: ``default``)."""
+    try:
+        return max(int(value or ""), 0)
+    except ValueError:
+        return default
 
 
 class CircuitBreaker:
@@ -146,22 +174,86 @@ class BackendPool:
         self.router = router or make_router(config.routing, len(backends), params)
         self._tasks: list[asyncio.Task[None]] = []
         self._round = asyncio.Event()
+        self._queue: deque[asyncio.Future[None]] = deque()   # requests waiting for a slot, FIFO
+        self.overloaded = 0   # requests refused with OriginOverloaded
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a backend slot."""
+        return sum(1 for f in self._queue if not f.done())
 
     # -- routing ---------------------------------------------------------------------------
 
-    def _decide(self, route: str | None) -> Decision:
+    def _full(self, backend: Backend) -> bool:
+        limit = self._config.max_in_flight_per_backend
+        return 0 < limit <= backend.in_flight
+
+    def _decide(self, route: str | None, *, bounded: bool = False) -> Decision | None:
+        """The policy's order over usable backends; ``bounded``: only those with room (None: all full)."""
         now = self._clock()
         allowed = [b.index for b in self.backends if b.available(now)] or [b.index for b in self.backends]
+        if bounded:
+            allowed = [i for i in allowed if not self._full(self.backends[i])]
+            if not allowed:
+                return None
         return self.router.decide(route, [b.in_flight for b in self.backends], allowed)
+
+    def _overloaded(self, why: str, retry_after_s: int | None = None) -> OriginOverloaded:
+        self.overloaded += 1
+        after = self._config.retry_after_s if retry_after_s is None else retry_after_s
+        return OriginOverloaded(f"The origin is overloaded: {why}; retry after {after} s",
+                                retry_after_s=after)
+
+    async def _slot(self, route: str | None) -> Decision:
+        """A routing decision among backends with room, waiting in the FIFO queue when all are full."""
+        decision = None if self.queued else self._decide(route, bounded=True)
+        if decision is not None:
+            return decision
+        if self.queued >= self._config.queue_size:
+            raise self._overloaded("every backend is full and the queue is full")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.queue_timeout_s
+        waiter = loop.create_future()
+        self._queue.append(waiter)
+        try:
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+                decision = self._decide(route, bounded=True)
+                if decision is not None:
+                    return decision
+                waiter = loop.create_future()   # a newcomer took the slot: wait again, first in line
+                self._queue.appendleft(waiter)
+        except TimeoutError:
+            raise self._overloaded(f"every backend stayed full for {self._config.queue_timeout_s:g} s") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(waiter)
+            if decision is None and waiter.done() and not waiter.cancelled():
+                self._wake()   # woken but leaving without the slot: pass it on
+
+    def _wake(self) -> None:
+        """A slot freed up: the first request still waiting may take it."""
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _free(self, backend: Backend) -> None:
+        backend.in_flight = max(backend.in_flight - 1, 0)
+        self._wake()
 
     def targets(self, route: str, n: int = 1) -> list[Backend]:
         """The backends the policy would send ``route`` to now, best first (for KV warm-up).
         Nothing is recorded: ``open_on(..., route=route)`` records the one actually used."""
-        return [self.backends[i] for i in self._decide(route).order[:max(n, 0)]]
+        decision = self._decide(route)
+        assert decision is not None
+        return [self.backends[i] for i in decision.order[:max(n, 0)]]
 
     def release(self, backend: Backend) -> None:
         """The answer of a request ``open`` returned is finished (or abandoned)."""
-        backend.in_flight = max(backend.in_flight - 1, 0)
+        self._free(backend)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -200,27 +292,35 @@ class BackendPool:
 
         ``route``: the text the policy routes on (the prompt as the backend will see it);
         None routes anywhere. The caller must ``release(backend)`` when the answer is done.
+        Raises :class:`OriginOverloaded` when no backend had room in time or every one tried
+        answered 429.
         """
-        decision = self._decide(route)
+        decision = await self._slot(route)
         attempts = min(len(decision.order), self._config.retries + 1)
         last: Exception | None = None
+        busy: int | None = None   # the Retry-After of the last 429: no answer, and one backend is full
         for k, i in enumerate(decision.order[:attempts]):
             backend = self.backends[i]
-            final = k == attempts - 1
             reason = decision.reason if k == 0 else "failover"
+            if k > 0 and self._full(backend):
+                continue   # it filled up while the first choice was tried
             self.router.record(route, i)   # before awaiting: a concurrent request follows it
             backend.in_flight += 1
             try:
                 resp = await self._send(backend, method, path, body, headers)
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
-                backend.in_flight -= 1
+                self._free(backend)
                 last = exc
                 continue
+            except asyncio.CancelledError:
+                self._free(backend)
+                raise
             if resp.status in _FAILED and attempts > 1:
                 self._failed(backend, f"answered {resp.status}")
                 last = UpstreamUnavailable(f"backend {backend.name} answered {resp.status}")
-            elif resp.status in _BUSY and not final:
+            elif resp.status in _BUSY:
                 last = UpstreamUnavailable(f"backend {backend.name} answered {resp.status}")
+                busy = _retry_after(resp.headers.get("Retry-After"), self._config.retry_after_s)
             else:
                 if resp.status in _FAILED:
                     self._failed(backend, f"answered {resp.status}")
@@ -229,8 +329,10 @@ class BackendPool:
                 backend.requests += 1
                 backend.routed[reason] = backend.routed.get(reason, 0) + 1
                 return backend, resp
-            backend.in_flight -= 1
             resp.release()
+            self._free(backend)
+        if busy is not None:
+            raise self._overloaded(f"the backends tried are busy (429, {attempts} tried)", busy)
         raise UpstreamUnavailable(f"every backend failed ({attempts} tried); last: {last}")
 
     @contextlib.asynccontextmanager
