@@ -208,7 +208,8 @@ class SemanticConfig:
     policy_path: a calibration file from ``edgecache calibrate`` ("" = the shipped one).
     candidates: nearest neighbours checked per lookup (4).
     max_query_chars: longer questions never take semantic hits (500).
-    batch_window_s: how long the micro-batcher waits to fill a batch (0.002).
+    batch_window_s: how long the micro-batcher waits for company when idle (0: it takes what
+    queued while the previous call ran; a window only adds latency below saturation).
     max_batch: questions embedded in one call at most (32).
     max_queue: questions waiting for the embedder at most; beyond it, no semantic lookup (1024).
     save_interval_s: how often the vector index is written to the data folder (60).
@@ -221,7 +222,7 @@ class SemanticConfig:
     policy_path: str = ""
     candidates: int = 4
     max_query_chars: int = 500
-    batch_window_s: float = 0.002
+    batch_window_s: float = 0.0
     max_batch: int = 32
     max_queue: int = 1024
     save_interval_s: float = 60.0
