@@ -62,7 +62,7 @@ async def test_identical_misses_from_two_regions_reach_the_backend_once(make_sta
     n = 4
     # eu-west's clients write the same request with other field order and whitespace
     other = b'{ "stream": true, "messages": [{"content": "What is our refund policy?", "role": "user"}],' \
-            b' "max_tokens": 8.0,\n "model": "sim-llm" }'
+            b' "max_tokens": 8,\n "model": "sim-llm" }'
     tasks = [asyncio.create_task(post(east, STREAM)) for _ in range(n)]
     tasks += [asyncio.create_task(post(west, raw=other, headers={"Content-Type": "application/json"}))
               for _ in range(n)]
