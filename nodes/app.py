@@ -319,6 +319,9 @@ def _start_fill(state: NodeState, path: str, req: _Request, query: SemanticQuery
         headers["tracestate"] = span.state
     if req.prefix is not None:
         headers["X-EdgeCache-Prefix-Version"] = req.prefix.version
+    if req.cc.no_cache or req.cc.no_store:   # the client wants its own answer: the origin must not share one
+        headers["Cache-Control"] = ", ".join(d for d, on in (("no-cache", req.cc.no_cache),
+                                                              ("no-store", req.cc.no_store)) if on)
     fill = Fill(
         FillRequest(key=req.key, endpoint=req.endpoint, path=path, body=req.parsed(), stream=req.stream,
                     headers=headers,
@@ -372,6 +375,8 @@ async def _answer_from_fill(request: web.Request, fill: Fill, stream: bool, incl
         resp = web.Response(status=reply.status, body=reply.body)
         resp.headers["Content-Type"] = reply.content_type
         resp.headers["Cache-Status"] = base
+        if reply.retry_after:
+            resp.headers["Retry-After"] = reply.retry_after
         return resp
     if stream and fill.req.stream:
         return await _fan_out(request, fill, include_usage, base)

@@ -52,6 +52,7 @@ class UpstreamReply:
     status: int
     body: bytes
     content_type: str
+    retry_after: str | None = None    # the origin's Retry-After (on a 429 or 503), passed on
 
 
 class Fill:
@@ -158,7 +159,8 @@ class Fill:
         async with self._session.post(req.path, data=orjson.dumps(body), headers=req.headers) as resp:
             if resp.status != 200:
                 self._begin(UpstreamReply(resp.status, await resp.read(),
-                                          resp.headers.get("Content-Type", "application/json")))
+                                          resp.headers.get("Content-Type", "application/json"),
+                                          resp.headers.get("Retry-After")))
                 return
             if req.stream:
                 self._begin(None)

@@ -242,9 +242,24 @@ async def test_the_edge_passes_the_origins_429_through_and_never_stores_it(make_
     status, headers, body = await post(edge)
     assert status == 429 and orjson.loads(body)["error"]["code"] == "origin_overloaded"
     assert "fwd=miss" in headers["Cache-Status"] and "stored" not in headers["Cache-Status"]
+    assert int(headers["Retry-After"]) >= 1     # the origin's advice reaches the client
     gate.opened.set()
     await asyncio.wait_for(held, 10)
     status, headers, _ = await post(edge)   # the 429 was not kept: this one goes to the origin
     assert status == 200 and "fwd=miss" in headers["Cache-Status"] and gate.arrived == 2
     status, headers, _ = await post(edge)
     assert status == 200 and "hit" in headers["Cache-Status"]
+
+
+async def test_an_edge_tells_the_origin_when_its_client_wants_a_fresh_answer(make_stack, serve_app) -> None:
+    stack, gate, _ = await gated(make_stack, serve_app, regions=("us-east", "eu-west"))
+    tasks = [asyncio.create_task(post(stack.edges[r], headers={"Cache-Control": "no-cache"}))
+             for r in ("us-east", "eu-west")]
+
+    async def both_at_the_backend() -> bool:
+        return gate.arrived == 2
+
+    await until(both_at_the_backend)   # with coalescing, the second would have joined the first
+    gate.opened.set()
+    assert {s for s, _, _ in await asyncio.wait_for(asyncio.gather(*tasks), 10)} == {200}
+    assert await coalesced(stack) == 0
