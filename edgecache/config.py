@@ -163,6 +163,11 @@ class OriginConfig:
     ``queue_timeout_s``, the origin answers 429 ``origin_overloaded`` with ``Retry-After``.
     queue_timeout_s: longest wait for a backend slot, seconds (5).
     retry_after_s: ``Retry-After`` of the origin's own 429, seconds (1).
+    shield: the origin shield, one cache shared by every edge (true): a miss at one edge for an
+    answer another edge already caused is answered without a backend request; same key, tags,
+    TTL and purges as the edges' entries (see ``origin/shield.py``).
+    shield_bytes: the shield's bound, bytes of entries (256 MiB); least recently used go first.
+    shield_max_entry_bytes: the largest answer the shield stores, bytes (8 MiB).
     """
 
     host: str = "127.0.0.1"
@@ -193,6 +198,9 @@ class OriginConfig:
     queue_size: int = 1024
     queue_timeout_s: float = 5.0
     retry_after_s: int = 1
+    shield: bool = True
+    shield_bytes: int = 256 * MiB
+    shield_max_entry_bytes: int = 8 * MiB
 
     @property
     def base_url(self) -> str:
@@ -411,6 +419,8 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
         raise ConfigError(f"{source}: origin: breaker_failures and prefix_tree_chars must be >= 1")
     if origin.coalesce_max_waiters < 1 or origin.coalesce_max_flights < 1:
         raise ConfigError(f"{source}: origin: coalesce_max_waiters and coalesce_max_flights must be >= 1")
+    if origin.shield_bytes < 0 or origin.shield_max_entry_bytes < 1:
+        raise ConfigError(f"{source}: origin: shield_bytes must be >= 0 and shield_max_entry_bytes >= 1")
     sim = _build(SimConfig, raw.get("sim", {"count": 0}), f"{source}: sim")
     if sim.block_size < 1 or sim.kv_capacity_blocks < 1 or sim.max_running < 1:
         raise ConfigError(f"{source}: sim: block_size, kv_capacity_blocks and max_running must be >= 1")
