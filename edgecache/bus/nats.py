@@ -29,6 +29,7 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,7 +53,8 @@ __all__ = ["NatsAnnouncer", "NatsSubscription", "consumer_name", "ping_subject"]
 
 log = logging.getLogger("edgecache.bus.nats")
 
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 2.0        # one server; the first connection gets twice that in all
+RECONNECT_AFTER_S = 5.0        # an edge without NATS reads the origin's log over HTTP meanwhile
 PING_TIMEOUT_S = 5.0
 FETCH_BATCH = 256
 CATCH_UP_WAIT_S = 0.5          # how long JetStream gets to deliver what a ping says is missing
@@ -77,13 +79,26 @@ def consumer_name(edge: str) -> str:
     return "edge_" + re.sub(r"[^A-Za-z0-9_-]", "_", edge)
 
 
+async def _quiet(exc: Exception) -> None:
+    """nats-py's connection errors, one line each (its default prints a traceback per attempt)."""
+    log.debug("NATS: %r", exc)
+
+
 async def _connect(config: BusConfig, name: str) -> nats.NATS:
+    """Connected (and reconnecting by itself from then on), or ``BusError`` within
+    ``2 * CONNECT_TIMEOUT_S``."""
     servers = [u.strip() for u in config.nats_url.split(",")]
+    nc = nats.NATS()
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S * 2):
-            return await nats.connect(servers=servers, name=name, connect_timeout=CONNECT_TIMEOUT_S,
-                                      allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1.0)
+            await nc.connect(servers=servers, name=name, connect_timeout=CONNECT_TIMEOUT_S, error_cb=_quiet,
+                             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1.0)
+        return nc
     except (*_NATS_ERRORS, nats.errors.NoServersError) as exc:
+        try:
+            await nc.close()
+        except _NATS_ERRORS:
+            pass
         raise BusError(f"cannot connect to NATS at {config.nats_url}: {exc!r}") from exc
 
 
@@ -210,7 +225,10 @@ class NatsSubscription:
         self._nc: nats.NATS | None = None
         self._sub: Any = None
         self._unacked: list[tuple[int, Any]] = []
-        self.stats = {"delivered": 0, "repaired": 0}   # events that came through NATS / over HTTP
+        self._retry_at = 0.0
+        self.degraded = False    # NATS unreachable: fetching over HTTP
+        # events that came through NATS / filled over HTTP; fetches served over HTTP without NATS
+        self.stats = {"delivered": 0, "repaired": 0, "fallback": 0}
 
     async def start(self) -> None:
         self._nc = await _connect(self.config, f"edgecache-edge-{self.edge}")
@@ -225,7 +243,27 @@ class NatsSubscription:
             raise BusError(f"cannot subscribe to stream {self.config.stream}: {exc!r}") from exc
 
     async def fetch(self, after: int, wait_s: float) -> Batch:
+        """From JetStream; while NATS (or the origin's side of it) cannot be reached, straight from
+        the origin's log over HTTP, so a broker outage neither fences the edges nor loses events."""
+        try:
+            batch = await self._fetch(after, wait_s)
+        except BusError as exc:
+            if not self.degraded:
+                log.warning("NATS bus: %s; reading the origin's log over HTTP meanwhile", exc)
+                self.degraded = True
+            self.stats["fallback"] += 1
+            return await self._repair.fetch(after, min(wait_s, RECONNECT_AFTER_S))
+        if self.degraded:
+            log.warning("NATS bus: back")
+            self.degraded = False
+        return batch
+
+    async def _fetch(self, after: int, wait_s: float) -> Batch:
         if self._nc is None or self._sub is None:
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise BusError("not connected to NATS")
+            self._retry_at = now + RECONNECT_AFTER_S
             await self.start()
         assert self._nc is not None
         nonce = secrets.token_hex(16)

@@ -336,3 +336,20 @@ async def test_forged_nats_messages_are_dropped(make_stack, bus: BusConfig) -> N
     assert status == 202 and states[me("eu-west")][0] == "pending"          # the forged report was ignored
     assert states[me("us-east")] == ("applied", answer["seq"])               # the real events still apply
     assert stack.servers["us-east"].app[NODE].events.applied == answer["seq"] < 10**6
+
+
+async def test_a_nats_outage_neither_fences_the_edges_nor_loses_an_event(make_stack) -> None:
+    """With the broker unreachable, edges read the origin's log over HTTP: still current, still
+    applying every purge, and a wait=true acknowledgement still means applied."""
+    bus = BusConfig(kind="nats", nats_url="nats://127.0.0.1:9", heartbeat_s=0.5)   # nothing listens there
+    stack = await make_stack(regions=("us-east", "eu-west"), bus=bus)
+    await settled(stack)
+    async with aiohttp.ClientSession() as s:
+        for edge in stack.edges.values():
+            await ask(s, edge, "What is the refund policy?", {"Cache-Tag": "doc:9"})
+        status, answer = await purge(stack, {"tags": ["doc:9"]})
+        assert status == 200 and answer["complete"] and len(answer["edges"]) == 2
+        for region, edge in stack.edges.items():
+            await refund_policy_is_not_served(s, edge)
+            subscription = stack.servers[region].app[NODE].events.subscription
+            assert subscription.degraded and subscription.stats["fallback"] >= 1
