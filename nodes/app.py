@@ -49,7 +49,7 @@ from edgecache.semantic import SemanticQuery, semantic_query
 from edgecache.stores.disk import DiskTier
 from edgecache.stores.memory import MemoryTier
 from edgecache.stream import DONE, frame, synthesize_chunks, usage_chunk
-from edgecache.tags import parse_cache_tag_header
+from edgecache.tags import format_cache_tag_header, parse_cache_tag_header
 from edgecache.trace import Span, start_span
 from nodes.events import EventFollower
 from nodes.fill import Fill, FillRequest
@@ -319,9 +319,16 @@ def _start_fill(state: NodeState, path: str, req: _Request, query: SemanticQuery
         headers["tracestate"] = span.state
     if req.prefix is not None:
         headers["X-EdgeCache-Prefix-Version"] = req.prefix.version
-    if req.cc.no_cache or req.cc.no_store:   # the client wants its own answer: the origin must not share one
-        headers["Cache-Control"] = ", ".join(d for d, on in (("no-cache", req.cc.no_cache),
-                                                              ("no-store", req.cc.no_store)) if on)
+    # The client wants its own answer (no-cache, no-store: the origin must not share one), or none
+    # older than max-age (the origin's shield honours it).
+    directives = [d for d, on in (("no-cache", req.cc.no_cache), ("no-store", req.cc.no_store)) if on]
+    if req.cc.max_age is not None:
+        directives.append(f"max-age={int(req.cc.max_age)}")
+    if directives:
+        headers["Cache-Control"] = ", ".join(directives)
+    headers["X-EdgeCache-TTL"] = str(int(req.ttl))   # what the origin's shield keeps the answer for,
+    if req.tags:                                     # and the tags it keeps with it
+        headers["Cache-Tag"] = format_cache_tag_header(req.tags)
     fill = Fill(
         FillRequest(key=req.key, endpoint=req.endpoint, path=path, body=req.parsed(), stream=req.stream,
                     headers=headers,
@@ -378,24 +385,30 @@ async def _answer_from_fill(request: web.Request, fill: Fill, stream: bool, incl
         if reply.retry_after:
             resp.headers["Retry-After"] = reply.retry_after
         return resp
+    headers = {}
+    if fill.shield_hit:   # the origin answered from its shield: say so, and how old the answer is
+        base = (base.replace("; detail=fenced", "; detail=fenced+shield-hit") if "; detail=" in base
+                else base.replace("; key=", "; detail=shield-hit; key=", 1))
+        headers["Age"] = str(fill.origin_age)
     if stream and fill.req.stream:
-        return await _fan_out(request, fill, include_usage, base)
+        return await _fan_out(request, fill, include_usage, base, headers)
     await fill.wait()
     if fill.failure is not None:
         raise fill.failure
     assert fill.body is not None
-    status = base + ("; stored" if fill.entry is not None else "")
+    headers["Cache-Status"] = base + ("; stored" if fill.entry is not None else "")
     if not stream:
-        return web.Response(body=fill.body, content_type=_JSON, headers={"Cache-Status": status})
+        return web.Response(body=fill.body, content_type=_JSON, headers=headers)
     return web.Response(body=_frames(fill.req.endpoint, fill.body, None, include_usage), content_type=_SSE,
-                        headers={"Cache-Status": status})
+                        headers=headers)
 
 
-async def _fan_out(request: web.Request, fill: Fill, include_usage: bool, base: str) -> web.StreamResponse:
+async def _fan_out(request: web.Request, fill: Fill, include_usage: bool, base: str,
+                   headers: dict[str, str]) -> web.StreamResponse:
     """Stream the fill's chunks to this client as they arrive."""
     resp = web.StreamResponse(headers={"Content-Type": _SSE, "Cache-Control": "no-cache",
                                        "Cache-Status": base + ("; stored" if fill.req.store else ""),
-                                       **request[SPAN].response_headers()})
+                                       **headers, **request[SPAN].response_headers()})
     await resp.prepare(request)
     try:
         async for payload, plain, usage_only in fill.live_chunks():

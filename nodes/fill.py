@@ -71,6 +71,8 @@ class Fill:
         self.body: bytes | None = None
         self.failure: EdgeCacheError | None = None
         self.waiters = 0
+        self.origin_age = 0      # the origin's ``Age``: seconds its shield had held the answer
+        self.shield_hit = False  # the origin answered from its shield (``X-EdgeCache-Shield: hit``)
         self._session = session
         self._timeout = timeout
         self._on_entry = on_entry
@@ -162,6 +164,9 @@ class Fill:
                                           resp.headers.get("Content-Type", "application/json"),
                                           resp.headers.get("Retry-After")))
                 return
+            self.shield_hit = resp.headers.get("X-EdgeCache-Shield") == "hit"
+            age = resp.headers.get("Age", "").strip()
+            self.origin_age = int(age) if age.isdigit() else 0
             if req.stream:
                 self._begin(None)
                 await self._read_stream(resp)
@@ -212,7 +217,9 @@ class Fill:
             return
         u = usage or {}
         details = u.get("prompt_tokens_details") or {}
-        entry = Entry(key=req.key, endpoint=req.endpoint, body=body, chunks=chunks, created=self._clock(),
+        # made when the origin's shield stored it: its age does not restart here (nor its TTL)
+        entry = Entry(key=req.key, endpoint=req.endpoint, body=body, chunks=chunks,
+                      created=self._clock() - self.origin_age,
                       ttl=req.ttl, tenant=req.tenant, tags=req.tags,
                       semantic_scope=req.semantic_scope, query=req.query,
                       prefix_id=req.prefix_id, prefix_version=req.prefix_version,

@@ -2,6 +2,8 @@
 
 Identical misses in flight share one backend request (``origin/coalesce.py``); a backend holds
 a bounded number of requests and the origin answers 429 when all are full (``origin/backends.py``).
+The origin shield (``origin/shield.py``) answers a miss another edge already caused, and keeps
+every complete answer a backend sends, once per backend request.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hmac
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from typing import Any
@@ -31,6 +34,7 @@ from edgecache.errors import (
     UpstreamUnavailable,
     error_body,
 )
+from edgecache.events import Event
 from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
 from edgecache.prefix import Prefix, expand, prefix_reference, route_text
 from edgecache.trace import Span, start_span
@@ -41,6 +45,7 @@ from origin.eventlog import EventLog
 from origin.hooks import WEBHOOK_SECRET, add_hook_routes
 from origin.prefixes import PrefixRegistry
 from origin.purge import EVENTS, EventFeed, add_purge_routes
+from origin.shield import Pending, Shield, ShieldCollector, ShieldRequest, replay, shield_request
 
 __all__ = ["ORIGIN", "OriginState", "create_origin_app"]
 
@@ -65,6 +70,16 @@ class OriginState:
         self.coalesced = Counter("edgecache_origin_coalesced", "Requests that joined an identical one in flight",
                                  registry=self.registry)
         self.registry.register(_BackendCollector(self.pool))
+        self.shield: Shield | None = None
+        self.pending: weakref.WeakKeyDictionary[Flight, Pending] = weakref.WeakKeyDictionary()
+        if config.origin.shield:
+            self.shield = Shield(config.origin.shield_bytes, config.origin.shield_max_entry_bytes)
+            self.registry.register(ShieldCollector(self.shield))
+
+    async def purge_shield(self, event: Event) -> None:
+        """``EventFeed.before_append``: the shield forgets what ``event`` purges before the log has it."""
+        if self.shield is not None:
+            self.shield.apply(event)
 
 
 class _BackendCollector(Collector):
@@ -191,36 +206,52 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise BadRequest("The request body must be a JSON object")
-    body, expanded, prefix = raw, parsed, None
+    body, expanded, prefix, prefix_tags = raw, parsed, None, frozenset[str]()
     if "prefix" in parsed:   # edges send the reference, never the text
         current = request.app[REGISTRY].current
         expanded = expand(parsed, current, version=request.headers.get("X-EdgeCache-Prefix-Version"))
         prefix_id = prefix_reference(parsed, "chat")
         assert prefix_id is not None
         prefix = (prefix_id, current[prefix_id].version)   # the text expand just used
+        prefix_tags = current[prefix_id].tags
         body = orjson.dumps(expanded)
+    endpoint = "chat" if request.path == "/v1/chat/completions" else "completions"
+    shielded = None
+    if state.shield is not None:
+        shielded = shield_request(endpoint, parsed, request.headers, prefix=prefix, prefix_tags=prefix_tags)
+        hit = _shield_hit(request, state.shield, shielded)
+        if hit is not None:
+            return hit
     key = None
     if state.config.origin.coalesce:
-        endpoint = "chat" if request.path == "/v1/chat/completions" else "completions"
         key = flight_key(endpoint, parsed, tenant=request.headers.get("X-EdgeCache-Tenant"), prefix=prefix,
                          cache_control=request.headers.get("Cache-Control"))
     headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
     headers.update(request[SPAN].response_headers())
     if request[SPAN].state:
         headers["tracestate"] = request[SPAN].state
+    pending = None
+    if state.shield is not None and shielded is not None and shielded.store:
+        pending = Pending(shielded, state.shield.generation())   # a purge from now on wins
     flight, joined = state.flights.join(key, partial(_upstream, state, request.path, body, headers,
-                                                     route_text(expanded)))
+                                                     route_text(expanded), pending))
     if joined:
         state.coalesced.inc()
+        joined_pending = state.pending.get(flight)
+        if joined_pending is not None:
+            joined_pending.join(shielded)
+    elif pending is not None:
+        state.pending[flight] = pending
+    shield_headers = {} if state.shield is None else _shield_status(shielded)
     try:
         head = await flight.wait_head()
         request[BACKEND] = head.backend
         if not head.streaming:
-            resp = web.Response(status=head.status, body=await flight.body())
+            resp = web.Response(status=head.status, body=await flight.body(), headers=shield_headers)
             resp.headers["Content-Type"] = head.content_type
             return resp
         resp = web.StreamResponse(status=head.status, headers={"Content-Type": head.content_type,
-                                                               "Cache-Control": "no-cache",
+                                                               "Cache-Control": "no-cache", **shield_headers,
                                                                **request[SPAN].response_headers()})
         await resp.prepare(request)
         try:
@@ -237,9 +268,33 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         flight.leave()
 
 
+def _shield_hit(request: web.Request, shield: Shield, shielded: ShieldRequest | None) -> web.Response | None:
+    """The shield's answer, in the wire format the edge asked for, or None on a miss."""
+    now = shield.clock()
+    entry = shield.lookup(shielded, now)
+    if entry is None:
+        return None
+    assert shielded is not None
+    request[BACKEND] = "shield"
+    content_type, body = replay(entry, shielded.stream, shielded.include_usage)
+    return web.Response(body=body, headers={
+        "Content-Type": content_type, "Age": str(int(entry.age(now))), "X-EdgeCache-Shield": "hit",
+        "Cache-Status": f"edgecache-origin; hit; ttl={int(entry.expires_at() - now)}"})
+
+
+def _shield_status(shielded: ShieldRequest | None) -> dict[str, str]:
+    """The headers of an answer the shield did not give: looked up and missed, or bypassed."""
+    if shielded is not None and shielded.lookup:
+        return {"X-EdgeCache-Shield": "miss", "Cache-Status": "edgecache-origin; fwd=miss"}
+    if shielded is not None and shielded.store:   # no-cache: fetched and kept
+        return {"X-EdgeCache-Shield": "bypass", "Cache-Status": "edgecache-origin; fwd=request"}
+    return {"X-EdgeCache-Shield": "bypass", "Cache-Status": "edgecache-origin; fwd=bypass"}
+
+
 async def _upstream(state: OriginState, path: str, body: bytes, headers: dict[str, str], route: str,
-                    flight: Flight) -> None:
-    """A flight's backend request: the head, then the body as it arrives, into ``flight``."""
+                    pending: Pending | None, flight: Flight) -> None:
+    """A flight's backend request: the head, then the body as it arrives, into ``flight``;
+    a complete 200 answer goes to the shield (once per backend request, whoever waits for it)."""
     try:
         backend, upstream = await state.pool.open("POST", path, body, headers, route=route)
     except EdgeCacheError:
@@ -250,12 +305,22 @@ async def _upstream(state: OriginState, path: str, body: bytes, headers: dict[st
         flight.begin(Head(upstream.status, upstream.headers.get("Content-Type", "application/json"), backend.name))
         async for chunk in upstream.content.iter_any():
             flight.feed(chunk)
+        if pending is not None and state.shield is not None and upstream.status == 200:
+            pending = state.pending.pop(flight, pending)   # with the tags of every waiter that joined
+            _keep(state.shield, pending, upstream.headers.get("Content-Type", "application/json"), flight.chunks)
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("backend %s failed mid-answer: %r", backend.name, exc)
         raise UpstreamUnavailable(f"backend {backend.name} failed mid-answer") from None
     finally:
         upstream.release()
         state.pool.release(backend)
+
+
+def _keep(shield: Shield, pending: Pending, content_type: str, chunks: list[bytes]) -> None:
+    try:
+        shield.store(pending.req, content_type, b"".join(chunks), since=pending.since)
+    except Exception:   # a bug: the answer is not kept, the waiters still get it
+        log.exception("origin shield: storing an answer failed")
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -278,8 +343,9 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     state = request.app[ORIGIN]
+    shield = {"enabled": False} if state.shield is None else {"enabled": True, **state.shield.health()}
     return web.Response(body=orjson.dumps({"status": "ok", "routing": state.config.origin.routing,
-                                           "backends": state.pool.snapshot()}),
+                                           "backends": state.pool.snapshot(), "shield": shield}),
                         content_type="application/json")
 
 
@@ -336,6 +402,7 @@ async def _origin_state(app: web.Application) -> AsyncIterator[None]:
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             state = app[ORIGIN] = OriginState(config, session)
+            feed.before_append.append(state.purge_shield)
             await state.pool.start()
             try:
                 if announcer is not None:

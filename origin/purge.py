@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -47,10 +47,18 @@ class EventFeed:
         self.wait_timeout_s = wait_timeout_s
         self.keep_events = keep_events
         self.on_append: list[Callable[[], None]] = []   # e.g. the NATS announcer's wake-up
+        # Awaited with each event before the log records it, so before any edge can read it and
+        # before any acknowledgement: e.g. the origin shield's purge (``origin/shield.py``).
+        self.before_append: list[Callable[[Event], Awaitable[None]]] = []
         self._changed = asyncio.Event()
         self._bounds: dict[str, int] | None = None
 
     async def append(self, event: Event) -> tuple[Event, bool]:
+        """Record ``event`` (a redelivered one is answered with the original). The
+        ``before_append`` hooks run first: applying an event twice is harmless, an edge reading
+        it from the log before the hooks had applied it would not be."""
+        for hook in self.before_append:
+            await hook(event)
         stored, new = await asyncio.to_thread(self.log.append, event)
         if new:
             if stored.seq % TRIM_EVERY == 0:   # the log keeps the newest ``keep_events``
