@@ -103,12 +103,22 @@ async def test_output_affecting_parameter_is_a_different_entry(stack: Stack) -> 
     assert await stack.origin_requests() == 2
 
 
-async def test_each_region_has_its_own_cache(make_stack) -> None:
+async def test_each_region_has_its_own_cache_and_the_origin_shield_fills_the_others(make_stack) -> None:
     stack = await make_stack(regions=("us-east", "eu-west", "ap-south"))
-    for region in stack.edges:
+    for n, region in enumerate(stack.edges):
         async with await client(stack, region) as c:
             raw = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES)
             assert raw.headers["Cache-Status"].startswith(f"edgecache-{region}; fwd=miss")
+            assert ("detail=shield-hit" in raw.headers["Cache-Status"]) == (n > 0)
             again = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES)
             assert again.headers["Cache-Status"].startswith(f"edgecache-{region}; hit")
+    assert await stack.origin_requests() == 1     # one GPU request for three regions
+
+
+async def test_without_the_shield_each_region_asks_the_backend(make_stack) -> None:
+    stack = await make_stack(regions=("us-east", "eu-west", "ap-south"), origin_overrides={"shield": False})
+    for region in stack.edges:
+        async with await client(stack, region) as c:
+            raw = await c.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES)
+            assert "shield" not in raw.headers["Cache-Status"]
     assert await stack.origin_requests() == 3
