@@ -216,7 +216,7 @@ class Result:
     began: float           # epoch seconds when it was due
     latency_ms: float
     status: int
-    kind: str              # hit | semantic | miss | error
+    kind: str              # hit | semantic | shield (an edge miss the origin's shield answered) | miss | error
     reply_id: str
     sent_bytes: int
 
@@ -307,7 +307,8 @@ async def _send(session: aiohttp.ClientSession, url: str, trace: Trace, i: int, 
                     reply_id = orjson.loads(payload).get("id", "")
         if status == 200:
             kind = ("semantic" if 'detail="semantic' in cache_status
-                    else "hit" if "; hit" in cache_status else "miss")
+                    else "hit" if "; hit" in cache_status
+                    else "shield" if "shield-hit" in cache_status else "miss")
     except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
         pass
     return Result(i, due, (time.time() - due) * 1000, status, kind, reply_id, len(body))
@@ -384,7 +385,8 @@ def run_mode(trace: Trace, mode: str, progress: Any) -> dict[str, Any]:
             after = [_scrape(u) for u in sims]
             origin_requests = _scrape(origin).get("edgecache_origin_requests_total", 0.0) if mode != "direct" else 0
     gpu = {name: sum(a.get(name, 0.0) - b.get(name, 0.0) for a, b in zip(after, before, strict=True))
-           for name in ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total", "vllm:generation_tokens_total")}
+           for name in ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total", "vllm:generation_tokens_total",
+                        "vllm:request_success_total")}
     return {"results": results, "purges": purges, "gpu": gpu, "origin_requests": origin_requests, "wall_s": wall}
 
 
@@ -419,7 +421,7 @@ def summarize(trace: Trace, raw: dict[str, Any]) -> dict[str, Any]:
     kinds = Counter(r.kind for r in results)
     made_for: dict[str, int] = {}          # reply id -> the intent of the request that made it
     for r in results:
-        if r.kind == "miss" and r.reply_id:
+        if r.kind in ("miss", "shield") and r.reply_id:
             made_for.setdefault(r.reply_id, trace.asks[r.ask].intent)
     semantic = [r for r in results if r.kind == "semantic"]
     false_hits = [r for r in semantic if made_for.get(r.reply_id, trace.asks[r.ask].intent) != trace.asks[r.ask].intent]
@@ -437,7 +439,7 @@ def summarize(trace: Trace, raw: dict[str, Any]) -> dict[str, Any]:
         if earlier and generated is not None and generated < max(p.sent for p in earlier):
             stale += 1
     gpu = raw["gpu"]
-    prefill = gpu["vllm:prompt_tokens_total"] - gpu["vllm:prefix_cache_hits_total"]
+    computed = gpu["vllm:prompt_tokens_total"] - gpu["vllm:prefix_cache_hits_total"]
 
     def lat(kind: str) -> dict[str, float | None]:
         values = [r.latency_ms for r in results if r.kind == kind]
@@ -451,17 +453,20 @@ def summarize(trace: Trace, raw: dict[str, Any]) -> dict[str, Any]:
         "errors": kinds["error"],
         "edge_answered_ratio": round((kinds["hit"] + kinds["semantic"]) / n, 4) if n else 0.0,
         "hit_ratio": {"exact": round(kinds["hit"] / n, 4), "semantic": round(kinds["semantic"] / n, 4),
-                      "miss": round(kinds["miss"] / n, 4)},
+                      "origin_shield": round(kinds["shield"] / n, 4), "miss": round(kinds["miss"] / n, 4)},
         # the second half of the run, caches warm: closer to a long-running deployment
         "warm_edge_answered_ratio": round(sum(r.kind in ("hit", "semantic") for r in warm) / len(warm), 4)
         if warm else 0.0,
-        "gpu_prefill_tokens": int(prefill),
-        "prompt_tokens": int(gpu["vllm:prompt_tokens_total"]),
+        # vLLM's own count of prefill tokens processed (vllm:prompt_tokens_total)
+        "gpu_prefill_tokens": int(gpu["vllm:prompt_tokens_total"]),
+        # of those, the ones not found in the backends' prefix cache: the prefill actually computed
+        "gpu_prefill_computed_tokens": int(computed),
         "decode_tokens": int(gpu["vllm:generation_tokens_total"]),
         "p50_ms": _pct(ok, 50),
         "p99_ms": _pct(ok, 99),
-        "latency": {"hit": lat("hit"), "semantic": lat("semantic"), "miss": lat("miss")},
+        "latency": {"hit": lat("hit"), "semantic": lat("semantic"), "shield": lat("shield"), "miss": lat("miss")},
         "origin_requests": int(raw["origin_requests"]),
+        "gpu_requests": int(gpu.get("vllm:request_success_total", 0)),
         "client_bytes": sum(r.sent_bytes for r in results),
         "kb_updates": len(purges),
         "kb_updates_acknowledged": sum(p.complete for p in purges),
@@ -478,7 +483,8 @@ def goals(modes: dict[str, dict[str, Any]], bound: float = 0.01) -> dict[str, An
     out: dict[str, Any] = {}
     if full and direct and direct["gpu_prefill_tokens"]:
         out["gpu_prefill_reduction"] = round(1 - full["gpu_prefill_tokens"] / direct["gpu_prefill_tokens"], 4)
-        out["gpu_prompt_token_reduction"] = round(1 - full["prompt_tokens"] / direct["prompt_tokens"], 4)
+        out["gpu_prefill_computed_reduction"] = round(
+            1 - full["gpu_prefill_computed_tokens"] / direct["gpu_prefill_computed_tokens"], 4)
         out["gpu_decode_reduction"] = round(1 - full["decode_tokens"] / direct["decode_tokens"], 4)
     if full:
         out["goals"] = {
@@ -491,21 +497,23 @@ def goals(modes: dict[str, dict[str, Any]], bound: float = 0.01) -> dict[str, An
 
 
 def format_table(report: dict[str, Any]) -> str:
-    head = (f"{'mode':<9} {'reqs':>5} {'edge':>6} {'warm':>6} {'exact':>6} {'sem':>6} {'prefill tok':>11} "
-            f"{'prompt tok':>10} {'decode':>7} {'p50 ms':>7} {'p99 ms':>7} {'hit p50':>7} {'sem p50':>7} "
-            f"{'miss p50':>8} {'origin':>6} {'sent kB':>8} {'stale':>5} {'false':>5}")
+    head = (f"{'mode':<9} {'reqs':>5} {'edge':>6} {'warm':>6} {'exact':>6} {'sem':>6} {'shield':>6} "
+            f"{'prefill tok':>11} {'computed':>8} {'decode':>7} {'p50 ms':>7} {'p99 ms':>7} {'hit p50':>7} "
+            f"{'sem p50':>7} {'miss p50':>8} {'gpu req':>7} {'sent kB':>8} {'stale':>5} {'false':>5}")
     lines = [head, "-" * len(head)]
     for mode, m in report["modes"].items():
         lat = m["latency"]
         lines.append(
             f"{mode:<9} {m['requests']:>5} {m['edge_answered_ratio']:>6.1%} {m['warm_edge_answered_ratio']:>6.1%} "
-            f"{m['hit_ratio']['exact']:>6.1%} {m['hit_ratio']['semantic']:>6.1%} {m['gpu_prefill_tokens']:>11,} "
-            f"{m['prompt_tokens']:>10,} {m['decode_tokens']:>7,} {m['p50_ms'] or 0:>7.1f} {m['p99_ms'] or 0:>7.1f} "
+            f"{m['hit_ratio']['exact']:>6.1%} {m['hit_ratio']['semantic']:>6.1%} {m['hit_ratio']['origin_shield']:>6.1%} "
+            f"{m['gpu_prefill_tokens']:>11,} {m['gpu_prefill_computed_tokens']:>8,} {m['decode_tokens']:>7,} "
+            f"{m['p50_ms'] or 0:>7.1f} {m['p99_ms'] or 0:>7.1f} "
             f"{lat['hit']['p50_ms'] or 0:>7.1f} {lat['semantic']['p50_ms'] or 0:>7.1f} {lat['miss']['p50_ms'] or 0:>8.1f} "
-            f"{m['origin_requests']:>6} {m['client_bytes'] / 1e3:>8.0f} {m['stale_served']:>5} {m['semantic_false_hits']:>5}")
+            f"{m['gpu_requests']:>7} {m['client_bytes'] / 1e3:>8.0f} {m['stale_served']:>5} {m['semantic_false_hits']:>5}")
     if "gpu_prefill_reduction" in report:
-        lines.append(f"full vs direct: prefill computed -{report['gpu_prefill_reduction']:.1%}, prompt tokens "
-                     f"-{report['gpu_prompt_token_reduction']:.1%}, decode -{report['gpu_decode_reduction']:.1%}")
+        lines.append(f"full vs direct: GPU prefill tokens -{report['gpu_prefill_reduction']:.1%} (of which computed, "
+                     f"not in the prefix cache: -{report['gpu_prefill_computed_reduction']:.1%}), "
+                     f"decode -{report['gpu_decode_reduction']:.1%}")
     for goal, met in report.get("goals", {}).items():
         lines.append(f"  {'met ' if met else 'MISS'} {goal}")
     return "\n".join(lines)
@@ -522,12 +530,12 @@ def write_charts(report: dict[str, Any], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     bottom = [0.0] * len(ms)
-    for tier, colour in (("exact", "#2b8cbe"), ("semantic", "#7bccc4")):
+    for tier, colour in (("exact", "#2b8cbe"), ("semantic", "#7bccc4"), ("origin_shield", "#ccebc5")):
         values = [m["hit_ratio"][tier] * 100 for m in ms]
         axes[0].bar(modes, values, bottom=bottom, label=tier, color=colour)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     axes[0].axhline(60, ls="--", color="grey", lw=1)
-    axes[0].set(title="answered at the edge (%)", ylim=(0, 100))
+    axes[0].set(title="answered without a GPU (%)", ylim=(0, 100))
     axes[0].legend()
     axes[1].bar(modes, [m["gpu_prefill_tokens"] for m in ms], color="#e34a33", label="prefill")
     axes[1].bar(modes, [m["decode_tokens"] for m in ms], bottom=[m["gpu_prefill_tokens"] for m in ms],
@@ -562,9 +570,11 @@ def write_markdown(report: dict[str, Any], path: Path, charts: Sequence[Path]) -
              "```", format_table(report), "```", ""]
     lines += [f"![{c.stem}]({c.name})" for c in charts]
     lines += ["", "Columns: `edge` = answered at the edge (exact + semantic hits); `warm` = the same over the "
-              "second half of the run; `prefill tok` = prompt tokens the backends computed (not found in their "
-              "prefix cache: the GPU's prefill work); `prompt tok` = every prompt token they received; "
-              "latencies in ms from when a request was due; `sent kB` = bytes from clients; `stale` = answers served "
+              "second half of the run; `shield` = edge misses the origin's shield answered without a GPU; "
+              "`prefill tok` = the backends' `vllm:prompt_tokens_total` (vLLM's \"prefill tokens processed\"); "
+              "`computed` = those not found in their prefix cache (the prefill compute left after vLLM's own "
+              "prefix caching); `gpu req` = requests that reached a backend; latencies in ms from when a "
+              "request was due; `sent kB` = bytes from clients; `stale` = answers served "
               "after their document's update was acknowledged, generated before it was sent; `false` = "
               "semantic hits whose answer was generated for another intent.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)

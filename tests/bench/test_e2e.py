@@ -50,7 +50,8 @@ def test_stale_answers_and_false_semantic_hits_are_counted() -> None:
     m = summarize(trace, _raw(results, purges))
     assert m["stale_served"] == 1
     assert m["semantic_false_hits"] == 1 and m["semantic_false_hit_rate"] == 1.0
-    assert m["gpu_prefill_tokens"] == 60 and m["edge_answered_ratio"] == 0.8
+    assert m["gpu_prefill_tokens"] == 100 and m["gpu_prefill_computed_tokens"] == 60
+    assert m["edge_answered_ratio"] == 0.8
 
 
 def test_a_short_run_writes_every_mode_figure(tmp_path) -> None:
