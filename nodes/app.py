@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,14 +27,12 @@ from edgecache.config import NodeConfig
 from edgecache.entry import Entry
 from edgecache.errors import (
     BadRequest,
-    EdgeCacheError,
     NotCached,
     UnknownPrefix,
     UpstreamUnavailable,
-    error_body,
 )
 from edgecache.keys import Scope, cache_key
-from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
+from edgecache.logs import ACCESS_LOGGER
 from edgecache.policy import (
     Bypass,
     CacheControl,
@@ -48,13 +47,15 @@ from edgecache.prefix import prefix_reference, prefix_tag
 from edgecache.semantic import SemanticQuery, semantic_query
 from edgecache.stores.disk import DiskTier
 from edgecache.stores.memory import MemoryTier
-from edgecache.stream import DONE, frame, synthesize_chunks, usage_chunk
 from edgecache.tags import format_cache_tag_header, parse_cache_tag_header
-from edgecache.trace import Span, start_span
+from edgecache.trace import Span
+from nodes.appkeys import CACHE_STATUS, CONFIG, ENDPOINTS, JSON, NODE, READY, SPAN, WORKER
 from nodes.events import EventFollower
 from nodes.fill import Fill, FillRequest
 from nodes.metrics import NodeMetrics
+from nodes.middleware import error_middleware
 from nodes.prefixes import PrefixInfo, PrefixReplica
+from nodes.replay import answer_from_fill, replay
 from nodes.semantic import open_semantic_tier
 from nodes.state import NodeState
 
@@ -63,92 +64,8 @@ __all__ = ["NODE", "create_app"]
 log = logging.getLogger("edgecache.node")
 access_log = logging.getLogger(ACCESS_LOGGER)
 
-_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-_JSON = "application/json"
-_SSE = "text/event-stream"
 
 
-NODE = web.AppKey("node", NodeState)
-CONFIG = web.AppKey("config", NodeConfig)
-CACHE_STATUS = web.RequestKey("cache_status", str)
-SPAN = web.RequestKey("span", Span)   # this edge's span of the request
-READY = web.AppKey("ready", Callable[[], bool])
-WORKER = web.AppKey("worker", int)
-
-
-# -- middleware -------------------------------------------------------------------------
-
-
-def _error_response(request: web.Request, status: int, body: bytes) -> web.Response:
-    """An OpenAI-style error; on the completion endpoints it says what the cache did, too."""
-    resp = web.Response(status=status, body=body, content_type=_JSON)
-    if request.path in _ENDPOINTS:
-        resp.headers["Cache-Status"] = request.get(CACHE_STATUS) or (
-            f"edgecache-{request.app[CONFIG].region}; fwd=bypass; detail=rejected")
-    return resp
-
-
-@web.middleware
-async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Errors as OpenAI-style bodies; the request's trace span, request id and access-log line."""
-    started = time.perf_counter()
-    headers = request.headers
-    span = request[SPAN] = start_span(headers.get("traceparent"), headers.get("tracestate"),
-                                      headers.get("X-Request-Id"))
-    token = CURRENT.set(span)
-    try:
-        try:
-            resp = await handler(request)
-        except EdgeCacheError as exc:
-            resp = _error_response(request, exc.status, exc.body())
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = "payload_too_large" if exc.status == 413 else None
-            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-            resp = _error_response(request, exc.status, error_body(exc.reason, kind, code))
-        except Exception:
-            log.exception("unhandled error on %s", request.path)
-            resp = _error_response(request, 500, error_body("internal error in the edge node", "server_error"))
-        if not resp.prepared:   # a stream sent its own (Span.response_headers)
-            resp.headers.update(span.response_headers())
-        if access_log.isEnabledFor(logging.INFO):   # else skipped entirely (the hit path is benchmarked)
-            _log_access(request, resp, span, started)
-        return resp
-    finally:
-        CURRENT.reset(token)
-
-
-def _cache_result(cache_status: str | None) -> str | None:
-    """What the cache did, from the ``Cache-Status`` header (the values of the metrics' label)."""
-    if not cache_status:
-        return None
-    if "; hit;" in cache_status:
-        return "semantic_hit" if 'detail="semantic' in cache_status else "hit"
-    for fwd, result in (("fwd=request", "bypass"), ("fwd=stale", "stale"), ("fwd=bypass", "rejected")):
-        if fwd in cache_status:
-            return result
-    return "collapsed" if "; collapsed" in cache_status else "miss"
-
-
-def _log_access(request: web.Request, resp: web.StreamResponse, span: Span, started: float) -> None:
-    """One line per request: completions at INFO, everything else (health, metrics) at DEBUG."""
-    completion = request.path in _ENDPOINTS
-    level = logging.INFO if completion else logging.DEBUG
-    tenant = None
-    if completion:
-        try:
-            tenant = request.app[NODE].tenant_for(request.headers.get("Authorization"))
-        except EdgeCacheError:
-            pass   # a key no tenant lists: never logged
-    fields = {"request_id": span.request_id, "trace_id": span.trace_id, "span_id": span.span_id,
-              "parent_id": span.parent_id, "region": request.app[CONFIG].region,
-              "method": request.method, "path": request.path, "status": resp.status,
-              "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-              "cache": _cache_result(resp.headers.get("Cache-Status")) if completion else None,
-              "tenant": tenant, "bytes_in": request.content_length or 0,
-              "bytes_out": resp.body_length if resp.prepared else (resp.content_length or 0)}
-    access_log.log(level, access_message(fields), extra={"fields": fields})
 
 
 # -- the completion endpoints ------------------------------------------------------------
@@ -185,7 +102,7 @@ def _scope(tenant: str, prefix: PrefixInfo | None) -> Scope:
 
 
 async def _read_request(request: web.Request, state: NodeState) -> _Request:
-    endpoint = _ENDPOINTS[request.path]
+    endpoint = ENDPOINTS[request.path]
     tenant = state.tenant_for(request.headers.get("Authorization"))
     raw = await request.read()
     memo_key = (endpoint, tenant, raw)
@@ -234,7 +151,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
             status = (f'edgecache-{region}; hit; detail={tier}; ttl={int(entry.expires_at() - now)}; '
                       f'key="{req.key.hex()}"')
             state.metrics.observe(req.endpoint, "hit", time.perf_counter() - started)
-            return _replay(entry, req.stream, req.include_usage, status, now)
+            return replay(entry, req.stream, req.include_usage, status, now)
         case Stale():
             fwd, result = "stale", "stale"
         case Bypass():
@@ -256,7 +173,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
                 status = (f'edgecache-{region}; hit; detail="semantic {semantic.cosine:.3f}"; '
                           f'ttl={int(entry.expires_at() - now)}; key="{entry.key.hex()}"')
                 state.metrics.observe(req.endpoint, "semantic_hit", time.perf_counter() - started)
-                return _replay(entry, req.stream, req.include_usage, status, now)
+                return replay(entry, req.stream, req.include_usage, status, now)
 
     base = f'edgecache-{region}; fwd={fwd}{detail}; key="{req.key.hex()}"'
     if req.cc.only_if_cached:
@@ -273,7 +190,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     fill.join()
     request[CACHE_STATUS] = base
     try:
-        return await _answer_from_fill(request, fill, req.stream, req.include_usage, base)
+        return await answer_from_fill(request, fill, req.stream, req.include_usage, base)
     finally:
         fill.leave()
         state.metrics.observe(req.endpoint, result, time.perf_counter() - started)
@@ -312,7 +229,7 @@ def _start_fill(state: NodeState, path: str, req: _Request, query: SemanticQuery
                 vector: Any, span: Span) -> Fill:
     config = state.config
     storer = _Storer(state, vector)
-    headers = {"Authorization": f"Bearer {config.node_token}", "Content-Type": _JSON,
+    headers = {"Authorization": f"Bearer {config.node_token}", "Content-Type": JSON,
                "X-EdgeCache-Tenant": req.tenant, "X-EdgeCache-Region": config.region,
                "traceparent": span.traceparent, "X-Request-Id": span.request_id}
     if span.state:
@@ -373,85 +290,6 @@ def _parse(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
 
 
-async def _answer_from_fill(request: web.Request, fill: Fill, stream: bool, include_usage: bool,
-                            base: str) -> web.StreamResponse:
-    reply = await fill.wait_started()
-    if reply is not None:   # the origin's error, passed through, never stored
-        if reply.status == 400 and b"prefix_version_mismatch" in reply.body:
-            request.app[NODE].background(request.app[NODE].prefixes.refresh())
-        resp = web.Response(status=reply.status, body=reply.body)
-        resp.headers["Content-Type"] = reply.content_type
-        resp.headers["Cache-Status"] = base
-        if reply.retry_after:
-            resp.headers["Retry-After"] = reply.retry_after
-        return resp
-    headers = {}
-    if fill.shield_hit:   # the origin answered from its shield: say so, and how old the answer is
-        base = (base.replace("; detail=fenced", "; detail=fenced+shield-hit") if "; detail=" in base
-                else base.replace("; key=", "; detail=shield-hit; key=", 1))
-        headers["Age"] = str(fill.origin_age)
-    if stream and fill.req.stream:
-        return await _fan_out(request, fill, include_usage, base, headers)
-    await fill.wait()
-    if fill.failure is not None:
-        raise fill.failure
-    assert fill.body is not None
-    headers["Cache-Status"] = base + ("; stored" if fill.entry is not None else "")
-    if not stream:
-        return web.Response(body=fill.body, content_type=_JSON, headers=headers)
-    return web.Response(body=_frames(fill.req.endpoint, fill.body, None, include_usage), content_type=_SSE,
-                        headers=headers)
-
-
-async def _fan_out(request: web.Request, fill: Fill, include_usage: bool, base: str,
-                   headers: dict[str, str]) -> web.StreamResponse:
-    """Stream the fill's chunks to this client as they arrive."""
-    resp = web.StreamResponse(headers={"Content-Type": _SSE, "Cache-Control": "no-cache",
-                                       "Cache-Status": base + ("; stored" if fill.req.store else ""),
-                                       **headers, **request[SPAN].response_headers()})
-    await resp.prepare(request)
-    try:
-        async for payload, plain, usage_only in fill.live_chunks():
-            if include_usage:
-                await resp.write(frame(payload))
-            elif not usage_only:
-                await resp.write(frame(plain))
-        if fill.failure is not None:
-            failure = fill.failure
-            await resp.write(frame(error_body(failure.message, failure.type, failure.code)))
-        else:
-            await resp.write(DONE)
-        await resp.write_eof()
-    except ConnectionResetError:
-        pass   # the client left; ``leave`` cancels the fill if it was the last waiter
-    return resp
-
-
-# -- replaying a stored answer -----------------------------------------------------------
-
-
-def _replay(entry: Entry, stream: bool, include_usage: bool, cache_status: str, now: float) -> web.Response:
-    headers = {"Cache-Status": cache_status, "Age": str(int(entry.age(now)))}
-    if not stream:
-        return web.Response(body=entry.body, content_type=_JSON, headers=headers)
-    return web.Response(body=_frames(entry.endpoint, entry.body, entry.chunks, include_usage),
-                        content_type=_SSE, headers=headers)
-
-
-def _frames(endpoint: str, body: bytes, chunks: tuple[bytes, ...] | None, include_usage: bool) -> bytes:
-    parsed: dict[str, Any] | None = None
-    if chunks is None:
-        parsed = orjson.loads(body)
-        chunks = tuple(orjson.dumps(c) for c in synthesize_chunks(endpoint, parsed))
-    out = [frame(c) for c in chunks]
-    if include_usage:
-        parsed = parsed or orjson.loads(body)
-        if parsed.get("usage") is not None:
-            out.append(frame(usage_chunk(endpoint, parsed, parsed["usage"])))
-    out.append(DONE)
-    return b"".join(out)
-
-
 # -- the other endpoints -----------------------------------------------------------------
 
 
@@ -461,7 +299,7 @@ async def _models(request: web.Request) -> web.Response:
         async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}",
                                                             **request[SPAN].response_headers()},
                                      timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            return web.Response(status=resp.status, body=await resp.read(), content_type=_JSON)
+            return web.Response(status=resp.status, body=await resp.read(), content_type=JSON)
     except (aiohttp.ClientError, TimeoutError):
         raise UpstreamUnavailable("the origin is unreachable") from None
 
@@ -511,9 +349,11 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     state.semantic, state.semantic_status = await open_semantic_tier(
         config.semantic, config.data_dir, disk.keys, worker=app[WORKER])
     me = edge_id(config.region, config.instance or socket.gethostname(), app[WORKER])
-    over_http = HttpSubscription(session, config.node_token, me, config.max_staleness_s)
+    incarnation = secrets.token_hex(8)
+    over_http = HttpSubscription(session, config.node_token, me, config.max_staleness_s, incarnation)
     subscription = (over_http if config.bus.kind == "embedded"
-                    else NatsSubscription(config.bus, config.node_token, me, config.max_staleness_s, repair=over_http))
+                    else NatsSubscription(config.bus, config.node_token, me, config.max_staleness_s, repair=over_http,
+                                          incarnation=incarnation))
     state.events = EventFollower(subscription, config.data_dir, state.apply_event, state.purge_all,
                                  max_staleness_s=config.max_staleness_s, heartbeat_s=config.bus.heartbeat_s)
     await state.events.start()
@@ -560,7 +400,7 @@ async def _sweep(state: NodeState, every_s: float = 60.0) -> None:
 def create_app(config: NodeConfig, *, ready: Callable[[], bool] | None = None, worker: int = 0) -> web.Application:
     """The edge node. ``ready``: False while sibling worker processes are still starting;
     ``worker``: this process's number among them (0 when alone)."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_error_middleware])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CONFIG] = config
     app[WORKER] = worker
     app[READY] = ready or (lambda: True)

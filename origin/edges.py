@@ -50,6 +50,7 @@ class EdgeRegistry:
         self.max_edges = max_edges
         self.forget_after_s = forget_after_s
         self._edges: dict[str, EdgeSeen] = {}
+        self._left: dict[tuple[str, str], None] = {}   # (edge, incarnation) that left: bounded, oldest first
         self._changed = asyncio.Event()
 
     def restore(self, members: dict[str, float]) -> None:
@@ -61,7 +62,10 @@ class EdgeRegistry:
         return {s.edge: s.max_staleness_s for s in self._edges.values()}
 
     def report(self, report: Report) -> bool:
-        """Note ``report`` as the fetch that carried it arrives; True when the members changed."""
+        """Note ``report`` as the fetch that carried it arrives; True when the members changed.
+        A report from an incarnation that has left (it was in flight) is ignored."""
+        if (report.edge, report.incarnation) in self._left and report.incarnation:
+            return False
         now = self.clock()
         seen = self._edges.pop(report.edge, None)
         changed = self._forget(now, force=seen is None and len(self._edges) >= self.max_edges)
@@ -70,8 +74,12 @@ class EdgeRegistry:
         self._changed = asyncio.Event()
         return changed or seen is None or seen.max_staleness_s != report.max_staleness_s
 
-    def leave(self, edge: str) -> bool:
+    def leave(self, edge: str, incarnation: str = "") -> bool:
         """An edge that shut down cleanly (it no longer serves); True if it was known."""
+        if incarnation:
+            self._left[(edge, incarnation)] = None
+            while len(self._left) > self.max_edges:
+                del self._left[next(iter(self._left))]
         found = self._edges.pop(edge, None) is not None
         self._changed.set()
         self._changed = asyncio.Event()

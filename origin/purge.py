@@ -210,7 +210,8 @@ async def _events(request: web.Request) -> web.Response:
     if "edge" in request.query:
         try:
             report = Report.from_json({"edge": request.query["edge"], "applied": after,
-                                       "max_staleness_s": float(request.query.get("max_staleness_s", ""))})
+                                       "max_staleness_s": float(request.query.get("max_staleness_s", "")),
+                                       "incarnation": request.query.get("incarnation", "")})
         except ValueError as exc:
             raise BadRequest(f"Bad edge report: {exc}", param="edge") from None
         await feed.note(report)
@@ -231,13 +232,14 @@ async def _release_polls(app: web.Application) -> None:
 async def _leave(request: web.Request) -> web.Response:
     try:
         body = orjson.loads(await request.read())
-        edge = body["edge"]
-        if not isinstance(edge, str) or not 0 < len(edge) <= 200:
+        edge, incarnation = body["edge"], body.get("incarnation", "")
+        if not isinstance(edge, str) or not 0 < len(edge) <= 200 or not isinstance(incarnation, str) \
+                or len(incarnation) > 64:
             raise ValueError
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         raise BadRequest("The body must be {\"edge\": \"<region>/<instance>/<worker>\"}", param="edge") from None
     feed = request.app[EVENTS]
-    if feed.edges.leave(edge):
+    if feed.edges.leave(edge, incarnation):
         await asyncio.to_thread(feed.log.remember_edges, feed.edges.members())
     return web.json_response({"edge": edge, "left": True})
 

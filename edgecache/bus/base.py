@@ -50,14 +50,18 @@ def edge_id(region: str, instance: str, worker: int) -> str:
 @dataclass(frozen=True, slots=True)
 class Report:
     """What an edge tells the origin with every fetch: ``applied`` sequence and its staleness
-    bound (the origin takes an edge that has not been answered for that long as fenced)."""
+    bound (the origin takes an edge that has not been answered for that long as fenced).
+    ``incarnation``: random per process start, so a report still in flight when the process
+    left cannot bring it back, while the same edge restarted is welcome at once."""
 
     edge: str
     applied: int
     max_staleness_s: float
+    incarnation: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"edge": self.edge, "applied": self.applied, "max_staleness_s": self.max_staleness_s}
+        return {"edge": self.edge, "applied": self.applied, "max_staleness_s": self.max_staleness_s,
+                "incarnation": self.incarnation}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Report:
@@ -70,7 +74,10 @@ class Report:
                 or isinstance(applied, bool) or applied < 0 or not isinstance(bound, int | float)
                 or isinstance(bound, bool) or not 0 < bound <= 86400):
             raise ValueError("a report's edge is 1-200 characters, applied a sequence, max_staleness_s seconds")
-        return cls(edge, applied, float(bound))
+        incarnation = data.get("incarnation", "")
+        if not isinstance(incarnation, str) or len(incarnation) > 64:
+            raise ValueError("a report's incarnation is at most 64 characters")
+        return cls(edge, applied, float(bound), incarnation)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,18 +18,20 @@ __all__ = ["HttpSubscription"]
 class HttpSubscription:
     """``session`` has the origin's base URL; ``token`` is the node token."""
 
-    def __init__(self, session: aiohttp.ClientSession, token: str, edge: str, max_staleness_s: float) -> None:
+    def __init__(self, session: aiohttp.ClientSession, token: str, edge: str, max_staleness_s: float,
+                 incarnation: str = "") -> None:
         self._session = session
         self._headers = {"Authorization": f"Bearer {token}"}
         self.edge = edge
         self.max_staleness_s = max_staleness_s
+        self.incarnation = incarnation
 
     async def start(self) -> None:
         pass
 
     async def fetch(self, after: int, wait_s: float) -> Batch:
         params = {"after": str(after), "timeout": str(wait_s), "edge": self.edge,
-                  "max_staleness_s": str(self.max_staleness_s)}
+                  "max_staleness_s": str(self.max_staleness_s), "incarnation": self.incarnation}
         try:
             async with self._session.get("/v1/events", params=params, headers=self._headers,
                                          timeout=aiohttp.ClientTimeout(total=wait_s + 10)) as resp:
@@ -47,7 +49,7 @@ class HttpSubscription:
 
     async def leave(self) -> None:
         try:
-            async with self._session.post("/v1/events/leave", json={"edge": self.edge}, headers=self._headers,
+            async with self._session.post("/v1/events/leave", json={"edge": self.edge, "incarnation": self.incarnation}, headers=self._headers,
                                           timeout=aiohttp.ClientTimeout(total=5)) as resp:
                 await resp.read()
         except (aiohttp.ClientError, TimeoutError):

@@ -216,10 +216,11 @@ class NatsSubscription:
     """An edge worker's side. ``repair`` reads the origin's log over HTTP to fill gaps."""
 
     def __init__(self, config: BusConfig, token: str, edge: str, max_staleness_s: float,
-                 repair: Subscription) -> None:
+                 repair: Subscription, incarnation: str = "") -> None:
         self.config = config
         self._token = token
         self.edge = edge
+        self.incarnation = incarnation
         self.max_staleness_s = max_staleness_s
         self._repair = repair
         self._nc: nats.NATS | None = None
@@ -267,7 +268,8 @@ class NatsSubscription:
             await self.start()
         assert self._nc is not None
         nonce = secrets.token_hex(16)
-        ping = orjson.dumps({**Report(self.edge, after, self.max_staleness_s).to_json(), "nonce": nonce})
+        report = Report(self.edge, after, self.max_staleness_s, self.incarnation)
+        ping = orjson.dumps({**report.to_json(), "nonce": nonce})
         try:
             reply = await self._nc.request(ping_subject(self.config), ping, timeout=PING_TIMEOUT_S,
                                            headers={SIGNATURE: sign(self._token, ping)})

@@ -65,9 +65,13 @@ def test_members_survive_a_restart_as_pending_until_they_report() -> None:
 
 def test_a_node_that_leaves_is_no_longer_waited_for() -> None:
     registry = EdgeRegistry()
-    registry.report(Report("a/h/0", 0, 60.0))
-    assert registry.leave("a/h/0") is True and registry.leave("a/h/0") is False
+    registry.report(Report("a/h/0", 0, 60.0, "first"))
+    assert registry.leave("a/h/0", "first") is True and registry.leave("a/h/0", "first") is False
     assert registry.snapshot(1) == []
+    registry.report(Report("a/h/0", 0, 60.0, "first"))     # still in flight when it left: ignored
+    assert registry.snapshot(1) == []
+    registry.report(Report("a/h/0", 0, 60.0, "second"))    # the same node restarted: waited for again
+    assert [e["state"] for e in registry.snapshot(1)] == ["pending"]
 
 
 def test_the_registry_is_bounded_and_forgets_long_silent_edges() -> None:

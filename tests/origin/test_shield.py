@@ -8,7 +8,7 @@ import pytest
 from edgecache.events import Event, PrefixChange
 from edgecache.keys import Scope, cache_key
 from edgecache.stream import DONE, SSEParser, frame
-from nodes.app import _frames
+from nodes.replay import frames
 from origin.shield import (
     Pending,
     Shield,
@@ -170,7 +170,7 @@ def test_replay_is_byte_identical_to_the_edges_replay(source: str, stream: bool,
         assert kind == "application/json" and body == entry.body
         return
     assert kind == "text/event-stream"
-    assert body == _frames(entry.endpoint, entry.body, entry.chunks, include_usage)
+    assert body == frames(entry.endpoint, entry.body, entry.chunks, include_usage)
     payloads = list(SSEParser().feed(body))
     assert payloads[-1] == b"[DONE]"
     chunks = [orjson.loads(p) for p in payloads[:-1]]
