@@ -74,3 +74,21 @@ async def test_edge_answers_repeats_without_reaching_vllm(vllm_stack: Stack) -> 
     assert again.parse().choices[0].message.content == text
     queries_after = sum([await vllm_counter(u, "vllm:prefix_cache_queries_total") for u in URLS])
     assert queries_after - queries_before > 0   # exactly the one miss reached the engine
+
+
+async def test_a_second_region_is_answered_by_the_origin_shield_without_vllm(make_stack) -> None:
+    stack = await make_stack(sims=0, backends=URLS, regions=("us-east", "eu-west"))
+    model = await served_model(URLS[0])
+    messages = [{"role": "user", "content": "Which chairs can be returned?"}]
+    done_before = sum([await vllm_counter(u, "vllm:request_success_total") for u in URLS])
+    answers = []
+    for region in ("us-east", "eu-west"):
+        async with await async_openai(stack.edges[region] + "/v1") as c:
+            stream = await c.chat.completions.create(model=model, max_tokens=6, temperature=0, messages=messages,
+                                                     stream=True, stream_options={"include_usage": True})
+            chunks = [ch async for ch in stream]
+            answers.append(("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices),
+                            chunks[-1].usage.completion_tokens))
+    done_after = sum([await vllm_counter(u, "vllm:request_success_total") for u in URLS])
+    assert done_after - done_before == 1          # eu-west's miss was the shield's hit
+    assert answers[0] == answers[1] and answers[0][1] > 0
