@@ -82,12 +82,15 @@ def run_cell(bus: str, edges: int, events: int, nats_url: str) -> dict[str, Any]
                 for i, port in enumerate(ports):
                     services.wait_healthy(f"r{i}", f"http://127.0.0.1:{port}/healthz")
                 times = _time_webhooks(f"http://127.0.0.1:{origin_port}", edges, events, run)
+            warnings = [line for log in sorted(root.glob("*.log"))
+                        for line in log.read_text(errors="replace").splitlines() if " WARNING " in line or " ERROR " in line]
         finally:
             if bus == "nats":
                 _delete_stream(nats_url, stream)
     times.sort()
     return {"events": len(times), "p50_ms": round(percentile(times, 50), 2), "p99_ms": round(percentile(times, 99), 2),
-            "max_ms": round(times[-1], 2), "mean_ms": round(sum(times) / len(times), 2)}
+            "max_ms": round(times[-1], 2), "mean_ms": round(sum(times) / len(times), 2),
+            "log_warnings": len(warnings), "first_warnings": warnings[:5]}
 
 
 def _time_webhooks(origin: str, edges: int, events: int, run: str) -> list[float]:
@@ -155,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((bus, n, cell))
     results["meta"] = {"events_per_cell": events, "command": "python -m bench.invalidation " + " ".join(argv or sys.argv[1:]),
                        "measure": "signed webhook with ?wait=true: send -> answer once every edge reported applying"}
-    print(f"{'bus':<10} {'edges':>5} {'events':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    print(f"{'bus':<10} {'edges':>5} {'events':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'warnings':>8}")
     for bus, n, cell in rows:
-        print(f"{bus:<10} {n:>5} {cell['events']:>6} {cell['p50_ms']:>8.2f} {cell['p99_ms']:>8.2f} {cell['max_ms']:>8.2f}")
+        print(f"{bus:<10} {n:>5} {cell['events']:>6} {cell['p50_ms']:>8.2f} {cell['p99_ms']:>8.2f} {cell['max_ms']:>8.2f} "
+              f"{cell['log_warnings']:>8}")
+        for line in cell["first_warnings"]:
+            print(f"    {line[:160]}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

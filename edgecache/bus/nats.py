@@ -58,6 +58,7 @@ RECONNECT_AFTER_S = 5.0        # an edge without NATS reads the origin's log ove
 PING_TIMEOUT_S = 5.0
 FETCH_BATCH = 256
 CATCH_UP_WAIT_S = 0.5          # how long JetStream gets to deliver what a ping says is missing
+MIN_FETCH_S = 0.05
 STREAM_MAX_AGE_S = 7 * 86400.0
 STREAM_MAX_MSGS = 1_000_000
 DUPLICATE_WINDOW_S = 600.0
@@ -282,11 +283,12 @@ class NatsSubscription:
         except (*_NATS_ERRORS, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise BusError(f"ping to the origin over NATS: {exc!r}") from exc
         found: dict[int, dict[str, Any]] = {}
-        try:
-            msgs = await self._sub.fetch(batch=FETCH_BATCH, timeout=wait_s if after >= last else CATCH_UP_WAIT_S)
-        except nats.errors.TimeoutError:
+        try:   # nats-py refuses a timeout of 0; an empty fetch ends in (either kind of) TimeoutError
+            msgs = await self._sub.fetch(batch=FETCH_BATCH,
+                                         timeout=max(MIN_FETCH_S, wait_s if after >= last else CATCH_UP_WAIT_S))
+        except (nats.errors.TimeoutError, TimeoutError):
             msgs = []
-        except _NATS_ERRORS as exc:
+        except (*_NATS_ERRORS, ValueError) as exc:
             raise BusError(f"fetching from stream {self.config.stream}: {exc!r}") from exc
         for msg in msgs:
             if not signed_by(self._token, msg.data, _signature(msg)):

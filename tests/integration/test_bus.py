@@ -353,3 +353,16 @@ async def test_a_nats_outage_neither_fences_the_edges_nor_loses_an_event(make_st
             await refund_policy_is_not_served(s, edge)
             subscription = stack.servers[region].app[NODE].events.subscription
             assert subscription.degraded and subscription.stats["fallback"] >= 1
+
+
+@pytest.mark.parametrize("bus", ["nats"], indirect=True)
+async def test_an_idle_nats_fetch_is_an_empty_batch_not_an_outage(three: Stack) -> None:
+    """Nothing new, no wait or a short one (the catch-up at start asks with 0 s): an empty batch
+    through NATS, never a fall back to HTTP."""
+    follower = three.servers["us-east"].app[NODE].events
+    subscription = follower.subscription
+    before = dict(subscription.stats)
+    for wait_s in (0.0, 0.2, 0.2):
+        batch = await subscription.fetch(follower.applied, wait_s)
+        assert batch.events == [] and batch.last_seq == follower.applied
+    assert subscription.stats == before and not subscription.degraded
