@@ -35,12 +35,19 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
+    "http_error_body",
 ]
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
     """Serialise an OpenAI-style error: ``{"error": {"message", "type", "param", "code"}}``."""
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def http_error_body(status: int, reason: str) -> bytes:
+    """The OpenAI-style body for an error aiohttp raised itself (404, 405, 413 ...)."""
+    kind = "not_found_error" if status == 404 else "invalid_request_error"
+    return error_body(reason, kind, "payload_too_large" if status == 413 else None)
 
 
 class EdgeCacheError(Exception):

@@ -32,7 +32,6 @@ from edgecache.errors import (
     UpstreamUnavailable,
 )
 from edgecache.keys import Scope, cache_key
-from edgecache.logs import ACCESS_LOGGER
 from edgecache.policy import (
     Bypass,
     CacheControl,
@@ -62,7 +61,6 @@ from nodes.state import NodeState
 __all__ = ["NODE", "create_app"]
 
 log = logging.getLogger("edgecache.node")
-access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 

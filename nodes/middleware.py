@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edgecache.errors import EdgeCacheError, error_body
+from edgecache.errors import EdgeCacheError, error_body, http_error_body
 from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
 from edgecache.trace import Span, start_span
 from nodes.appkeys import CACHE_STATUS, CONFIG, ENDPOINTS, JSON, NODE, SPAN
@@ -45,9 +45,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            code = "payload_too_large" if exc.status == 413 else None
-            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-            resp = _error_response(request, exc.status, error_body(exc.reason, kind, code))
+            resp = _error_response(request, exc.status, http_error_body(exc.status, exc.reason))
         except Exception:
             log.exception("unhandled error on %s", request.path)
             resp = _error_response(request, 500, error_body("internal error in the edge node", "server_error"))

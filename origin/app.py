@@ -32,7 +32,7 @@ from edgecache.errors import (
     EdgeCacheError,
     Unauthorized,
     UpstreamUnavailable,
-    error_body,
+    http_error_body,
 )
 from edgecache.events import Event
 from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
@@ -168,8 +168,7 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-            resp = web.Response(status=exc.status, body=error_body(exc.reason, kind),
+            resp = web.Response(status=exc.status, body=http_error_body(exc.status, exc.reason),
                                 content_type="application/json")
         if not resp.prepared:   # a stream sent its own (Span.response_headers)
             resp.headers.update(span.response_headers())

@@ -120,7 +120,6 @@ class NatsAnnouncer:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.published = 0            # the newest sequence the stream holds
-        self.ready = asyncio.Event()  # set while connected and publishing
 
     async def start(self) -> None:
         """Connect (once, now), then publish in the background, retrying while NATS cannot be
@@ -162,7 +161,6 @@ class NatsAnnouncer:
         except nats.js.errors.NotFoundError:
             self.published = 0
         await self._nc.subscribe(ping_subject(self.config), queue="origin", cb=self._ping)
-        self.ready.set()
 
     def wake(self) -> None:
         """A new event is in the log."""
@@ -182,7 +180,6 @@ class NatsAnnouncer:
                 self.published = seq
 
     async def _disconnect(self) -> None:
-        self.ready.clear()
         nc, self._nc = self._nc, None
         if nc is not None:
             try:

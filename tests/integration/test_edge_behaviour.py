@@ -11,7 +11,7 @@ import pytest
 
 from edgecache.config import TenantConfig
 from nodes.app import create_app
-from tests.conftest import Stack, async_openai
+from tests.conftest import NODE_TOKEN, Stack, async_openai
 from tests.integration.upstreams import CutStream, Failing, Gate
 
 pytestmark = pytest.mark.integration
@@ -188,11 +188,12 @@ async def test_bad_input_gets_a_clear_4xx(stack: Stack, raw: bytes, headers: dic
     assert await stack.origin_requests() == 0
 
 
-async def test_oversized_body_is_413(make_stack) -> None:
-    stack = await make_stack(node_overrides={"max_body_bytes": 4096})
+async def test_oversized_body_is_413_at_the_edge_and_at_the_origin(make_stack) -> None:
+    stack = await make_stack(node_overrides={"max_body_bytes": 4096}, origin_overrides={"max_body_bytes": 4096})
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 10_000}]}
-    status, _, body = await post(stack.edges["us-east"], big)
-    assert status == 413 and b"error" in body
+    for url in (stack.edges["us-east"], stack.origin_url):
+        status, _, body = await post(url, big, headers={"Authorization": f"Bearer {NODE_TOKEN}"})
+        assert status == 413 and orjson.loads(body)["error"]["code"] == "payload_too_large"
 
 
 async def test_edge_restarted_on_the_same_disk_keeps_its_entries(make_stack, tmp_path) -> None:
