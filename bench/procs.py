@@ -16,14 +16,30 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["Services", "StackError", "stop_all"]
+__all__ = ["Services", "StackError", "stop_all", "wait_healthy"]
 
 
 class StackError(RuntimeError):
     """A service did not start, or the cache could not be warmed."""
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], name: str, url: str, log: Callable[[], str],
+                 timeout: float = 90) -> None:
+    """Until ``url`` answers 200; ``StackError`` with the service's log when ``proc`` exits first
+    or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{name} exited with status {proc.returncode}:\n{log()}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.05)
+    raise StackError(f"{name}: {url} not healthy within {timeout:.0f} s:\n{log()}")
 
 
 def stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -60,16 +76,7 @@ class Services:
         self.wait_healthy(name, health, timeout)
 
     def wait_healthy(self, name: str, url: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            proc = self.procs[name]
-            if proc.poll() is not None:
-                raise StackError(f"{name} exited with status {proc.returncode}:\n{self.log(name)}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-            time.sleep(0.05)
-        raise StackError(f"{name}: {url} not healthy within {timeout:.0f} s:\n{self.log(name)}")
+        wait_healthy(self.procs[name], name, url, lambda: self.log(name), timeout)
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"

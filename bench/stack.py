@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from bench.procs import StackError, stop_all
+from bench.procs import StackError, stop_all, wait_healthy
 
 __all__ = ["BenchStack", "StackError", "descendants", "free_port", "listening_sockets", "post"]
 
@@ -111,24 +111,12 @@ class BenchStack:
             for name, argv, health in plan:
                 with open(root / f"{name}.log", "wb") as log:     # the child keeps its own descriptor
                     self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-                self._wait_healthy(name, health)
+                wait_healthy(self.procs[name], name, health, lambda name=name: self.log(name), timeout=60)
             self._wait_listening(edge_port, self.workers)
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
-
-    def _wait_healthy(self, name: str, url: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        proc = self.procs[name]
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise StackError(f"{name} exited with status {proc.returncode}:\n{self.log(name)}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-            time.sleep(0.05)
-        raise StackError(f"{name}: {url} not healthy within {timeout:.0f} s:\n{self.log(name)}")
 
     def _wait_listening(self, port: int, sockets: int, timeout: float = 30) -> None:
         """Wait until every edge worker listens: /healthz answers as soon as the first one does,

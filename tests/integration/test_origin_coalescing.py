@@ -10,11 +10,10 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from origin.app import ORIGIN
 from tests.conftest import NODE_TOKEN, Stack, StackFactory
-from tests.integration.upstreams import CutStream, Gate
+from tests.integration.upstreams import CutStream, Dropping, Gate
 
 pytestmark = pytest.mark.integration
 
@@ -153,27 +152,6 @@ async def test_a_disconnecting_waiter_does_not_break_the_others(make_stack, serv
     assert bodies[0] == bodies[1]
     assert cut.requests == 1 and not cut.cancelled.is_set()
     assert [b.in_flight for b in origin.pool.backends] == [0] and len(origin.flights) == 0
-
-
-class Dropping:
-    """Holds every completion until ``release``, then drops the connection without an answer."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.requests = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        self.requests += 1
-        await self.release.wait()
-        assert request.transport is not None
-        request.transport.close()
-        return web.Response()
 
 
 async def test_a_failure_before_the_first_byte_fails_every_waiter_alike(make_stack, serve_app) -> None:

@@ -99,3 +99,24 @@ class Failing:
         self.requests += 1
         return web.json_response({"error": {"message": "model overloaded", "type": "server_error",
                                             "param": None, "code": None}}, status=self.status)
+
+
+class Dropping:
+    """Holds every completion until ``release``, then drops the connection without an answer."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.requests = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.requests += 1
+        await self.release.wait()
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
