@@ -46,23 +46,34 @@ def chunk(content: str, finish: str | None = None) -> bytes:
     }) + b"\n\n"
 
 
-class CutStream:
+class _ChatUpstream:
+    """A fake chat server: counts requests (body read), then ``answer`` says what happens."""
+
+    requests = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.requests += 1
+        return await self.answer(request)
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+class CutStream(_ChatUpstream):
     """Streams two chunks, then either drops the connection or waits for ``release``."""
 
     def __init__(self, hold: bool = False) -> None:
         self.hold = hold
         self.release = asyncio.Event()
-        self.requests = 0
         self.cancelled = asyncio.Event()
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        self.requests += 1
+    async def answer(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(chunk("partial "))
@@ -82,40 +93,24 @@ class CutStream:
         return resp
 
 
-class Failing:
+class Failing(_ChatUpstream):
     """Answers every completion with the given status and an OpenAI-style error."""
 
     def __init__(self, status: int) -> None:
         self.status = status
-        self.requests = 0
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.requests += 1
+    async def answer(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"message": "model overloaded", "type": "server_error",
                                             "param": None, "code": None}}, status=self.status)
 
 
-class Dropping:
+class Dropping(_ChatUpstream):
     """Holds every completion until ``release``, then drops the connection without an answer."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
-        self.requests = 0
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        self.requests += 1
+    async def answer(self, request: web.Request) -> web.StreamResponse:
         await self.release.wait()
         assert request.transport is not None
         request.transport.close()
