@@ -129,6 +129,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
     # Several processes share the port (SO_REUSEPORT) and the disk tier; each has its own memory tier.
     import multiprocessing
 
+    from nodes.metrics import SharedCounts
+
+    SharedCounts.clear(os.path.join(node.data_dir, "metrics"))   # no worker's counts from an earlier run
     ctx = multiprocessing.get_context("spawn")
     # /healthz says "starting" until every worker listens: a keep-alive client (or a load
     # balancer) that connects earlier would otherwise stick to the first worker.

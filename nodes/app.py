@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import socket
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgecache.bus.base import BusError, edge_id
 from edgecache.bus.embedded import HttpSubscription
@@ -51,7 +52,7 @@ from edgecache.trace import Span
 from nodes.appkeys import CACHE_STATUS, CONFIG, ENDPOINTS, JSON, NODE, READY, SPAN, WORKER
 from nodes.events import EventFollower
 from nodes.fill import Fill, FillRequest
-from nodes.metrics import NodeMetrics
+from nodes.metrics import NodeMetrics, SharedCounts
 from nodes.middleware import error_middleware
 from nodes.prefixes import PrefixInfo, PrefixReplica
 from nodes.replay import answer_from_fill, replay
@@ -324,7 +325,10 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     state = request.app[NODE]
     state.disk_stats = await asyncio.to_thread(lambda: (len(state.disk), state.disk.bytes))
-    resp = web.Response(body=generate_latest(state.metrics.registry))
+    counts = state.metrics.counts()
+    if state.shared_counts is not None:   # several workers on the port: answer for all of them
+        counts = await asyncio.to_thread(state.shared_counts.exchange, counts)
+    resp = web.Response(body=state.metrics.exposition(counts))
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
 
@@ -365,6 +369,10 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
              asyncio.create_task(state.events.follow())]
     if state.semantic is not None:
         tasks.append(asyncio.create_task(state.semantic.save_periodically()))
+    if config.workers > 1:
+        state.shared_counts = SharedCounts(os.path.join(config.data_dir, "metrics"), app[WORKER], config.workers)
+        await asyncio.to_thread(state.shared_counts.publish, metrics.counts())
+        tasks.append(asyncio.create_task(_publish_counts(state, state.shared_counts)))
     try:
         yield
     finally:
@@ -380,6 +388,16 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
         await subscription.close()
         await session.close()
         await asyncio.to_thread(disk.close)
+
+
+async def _publish_counts(state: NodeState, shared: SharedCounts, every_s: float = 1.0) -> None:
+    """Keep this worker's file in the node's metrics folder current (when its counts change)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(shared.publish, state.metrics.counts())
+        except OSError:
+            log.exception("could not publish this worker's metrics")
 
 
 async def _sweep(state: NodeState, every_s: float = 60.0) -> None:

@@ -18,7 +18,7 @@ from edgecache.stores.memory import MemoryTier
 from nodes.events import EventFollower
 from nodes.fill import Fill
 from nodes.memo import Memo
-from nodes.metrics import NodeMetrics
+from nodes.metrics import NodeMetrics, SharedCounts
 from nodes.prefixes import PrefixInfo, PrefixReplica
 from nodes.semantic import SemanticTier
 
@@ -42,6 +42,7 @@ class NodeState:
     tenants: Memo = field(default_factory=lambda: Memo(4096))       # API key -> tenant
     writes: set[asyncio.Task[None]] = field(default_factory=set)
     disk_stats: tuple[int, int] = (0, 0)
+    shared_counts: SharedCounts | None = None   # workers > 1: every worker's counts, for /metrics
     prefixes: PrefixReplica | None = None
     events: EventFollower | None = None
     semantic: SemanticTier | None = None

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import async_openai
 
@@ -31,6 +33,30 @@ def listening_sockets(port: int) -> int:
     """Sockets in LISTEN state on ``port`` (Linux /proc/net/tcp)."""
     rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
     return sum(1 for r in rows if r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A")
+
+
+def worker_requests(folder: Path, workers: int) -> list[int]:
+    """Requests each worker counted, from the files it publishes for /metrics."""
+    out = []
+    for i in range(workers):
+        try:
+            doc = json.loads((folder / f"worker-{i}.json").read_text())
+        except (OSError, ValueError):
+            out.append(0)
+            continue
+        out.append(sum(doc["requests"].values()))
+    return out
+
+
+def scraped_requests(text: str) -> dict[str, float]:
+    """edgecache_requests_total summed by cache_result."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "edgecache_requests_total":
+                result = sample.labels["cache_result"]
+                totals[result] = totals.get(result, 0) + sample.value
+    return totals
 
 
 def test_config_check_names_the_key_at_fault(tmp_path: Path) -> None:
@@ -89,6 +115,25 @@ data_dir = "{tmp_path / 'eu-west'}"
         async with await async_openai(f"http://127.0.0.1:{west}/v1") as c:
             west_answer = await c.chat.completions.create(model="sim-llm", messages=messages)
         assert west_answer.choices[0].message.content == first.choices[0].message.content
+        # /metrics answers for the node, whichever worker the scrape reaches.
+        url = f"http://127.0.0.1:{west}"
+        for i in range(40):   # a new connection each: the kernel spreads them over both workers
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async with s.post(f"{url}/v1/chat/completions", json={
+                        "model": "sim-llm", "messages": [{"role": "user", "content": f"q{i % 10}"}]}) as r:
+                    assert r.status == 200
+        served = await asyncio.to_thread(worker_requests, tmp_path / "eu-west" / "metrics", 2)
+        async with asyncio.timeout(30):   # the other worker publishes within a second
+            while sum(served) != 41:
+                served = await asyncio.to_thread(worker_requests, tmp_path / "eu-west" / "metrics", 2)
+        assert all(served), served   # both workers answered some
+        for _ in range(10):
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async with s.get(f"{url}/metrics") as r:
+                    text = await r.text()
+            totals = scraped_requests(text)
+            assert sum(totals.values()) == 41, totals
+            assert (totals["hit"], totals["miss"]) == (30, 11)   # "ping" and q0…q9 were misses here
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
