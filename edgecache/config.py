@@ -28,6 +28,7 @@ A topology file looks like ``deploy/local.toml``::
     [[tenants]]                  # optional: when present, only listed keys are accepted
     name = "acme"
     api_keys = ["sk-acme-1"]
+    semantic_max_false_hit_rate = 0.005   # optional: this tenant's own bound (or policy, or none)
 """
 
 from __future__ import annotations
@@ -75,10 +76,20 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class TenantConfig:
-    """A tenant and the API keys that belong to it. name: the tenant's scope id."""
+    """A tenant and the API keys that belong to it. name: the tenant's scope id.
+
+    The semantic tier, per tenant (its entries never serve another tenant anyway):
+    semantic: false keeps the tenant's requests out of it (no semantic hits, and its answers
+    never serve paraphrases) (true). semantic_policy_path: the tenant's own calibration, from
+    ``edgecache calibrate`` on pairs like its traffic ("" = the node's ``semantic.policy_path``).
+    semantic_max_false_hit_rate: the tenant's bound (0 = the node's ``semantic.max_false_hit_rate``).
+    """
 
     name: str
     api_keys: tuple[str, ...] = ()
+    semantic: bool = True
+    semantic_policy_path: str = ""
+    semantic_max_false_hit_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,6 +444,12 @@ def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str], *, source: 
     tenants = tuple(
         _build(TenantConfig, t, f"{source}: tenants[{i}]") for i, t in enumerate(_list(raw, "tenants", source))
     )
+    for i, t in enumerate(tenants):
+        if not t.name:
+            raise ConfigError(f"{source}: tenants[{i}].name: expected a non-empty name")
+        if not 0 <= t.semantic_max_false_hit_rate < 1:
+            raise ConfigError(f"{source}: tenants[{i}].semantic_max_false_hit_rate: expected a rate between 0 "
+                              "and 1 (0: the node's)")
     semantic = _build(SemanticConfig, raw.get("semantic", {}), f"{source}: semantic")
     if environ.get("EDGECACHE_MODEL_CACHE"):
         semantic = replace(semantic, model_cache_dir=environ["EDGECACHE_MODEL_CACHE"])

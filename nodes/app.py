@@ -159,7 +159,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
             fwd, result = "miss", "miss"
 
     query = vector = None
-    if fwd == "miss" and state.semantic is not None \
+    if fwd == "miss" and state.semantic is not None and state.semantic.serves(req.tenant) \
             and request.headers.get("X-EdgeCache-Semantic", "").lower() != "off":
         query = semantic_query(req.endpoint, req.parsed(), req.scope,
                                max_chars=state.config.semantic.max_query_chars)
@@ -349,7 +349,7 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     app[NODE] = state
     state.prefixes = PrefixReplica(session, config.node_token, on_change=state.memo.clear)
     state.semantic, state.semantic_status = await open_semantic_tier(
-        config.semantic, config.data_dir, disk.keys, worker=app[WORKER])
+        config.semantic, config.data_dir, disk.keys, worker=app[WORKER], tenants=config.tenants)
     me = edge_id(config.region, config.instance or socket.gethostname(), app[WORKER])
     incarnation = secrets.token_hex(8)
     over_http = HttpSubscription(session, config.node_token, me, config.max_staleness_s, incarnation)

@@ -19,16 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from edgecache.config import SemanticConfig
+from edgecache.config import SemanticConfig, TenantConfig
 from edgecache.entry import Entry
 from edgecache.errors import Overloaded
 from edgecache.semantic import SemanticQuery
 
-__all__ = ["EmbedderUnavailable", "SemanticHit", "SemanticTier", "open_semantic_tier"]
+__all__ = ["EmbedderUnavailable", "SemanticHit", "SemanticTier", "open_semantic_tier", "tenant_policies_for"]
 
 log = logging.getLogger("edgecache.node.semantic")
 
@@ -45,19 +45,31 @@ class SemanticHit:
 
 
 class SemanticTier:
-    """Embedder, scoped vector index and hit policy of one edge node.
+    """Embedder, scoped vector index and hit policies of one edge node.
 
-    ``embedder`` names the backend the batcher's model runs (the policy's: ``open_semantic_tier``)."""
+    ``embedder`` names the backend the batcher's model runs (the policy's: ``open_semantic_tier``).
+    ``policy`` judges every tenant's pairs but those in ``tenant_policies`` (a tenant's own
+    calibration or bound, ``[[tenants]]``); tenants in ``off`` (name -> why) never use the tier."""
 
-    def __init__(self, config: SemanticConfig, batcher: Any, index: Any, policy: Any, embedder: str) -> None:
+    def __init__(self, config: SemanticConfig, batcher: Any, index: Any, policy: Any, embedder: str, *,
+                 tenant_policies: Mapping[str, Any] | None = None, off: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.embedder = embedder
         self.batcher = batcher
         self.index = index
         self.policy = policy
+        self.tenant_policies = dict(tenant_policies or {})
+        self.off = dict(off or {})
         self.lookups = 0
         self.hits = 0
         self.overloaded = 0
+
+    def serves(self, tenant: str) -> bool:
+        """False for a tenant kept out of the semantic tier (no lookups, nothing remembered)."""
+        return tenant not in self.off
+
+    def policy_for(self, tenant: str) -> Any:
+        return self.tenant_policies.get(tenant, self.policy)
 
     async def embed(self, text: str) -> Any | None:
         """The question's vector, or None when the embedder's queue is full."""
@@ -76,8 +88,9 @@ class SemanticTier:
         candidates stand in only for neighbours whose entries are gone (purged, expired).
         """
         self.lookups += 1
+        policy = self.policy_for(tenant)
         neighbours = await asyncio.to_thread(self.index.search, query.scope, vector, self.config.candidates,
-                                             self.policy.min_cosine)
+                                             policy.min_cosine)
         gone: list[bytes] = []
         hit = None
         for n in neighbours:
@@ -86,7 +99,7 @@ class SemanticTier:
                     or entry.query is None):
                 gone.append(n.key)
                 continue
-            verdict = self.policy.judge(query.text, entry.query, n.score, vector, n.vector)
+            verdict = policy.judge(query.text, entry.query, n.score, vector, n.vector)
             if verdict.hit:
                 hit = SemanticHit(entry, verdict.cosine, verdict.score)
             break
@@ -110,10 +123,16 @@ class SemanticTier:
         return await asyncio.to_thread(self.index.remove, keys) if keys else 0
 
     def health(self) -> dict[str, Any]:
-        return {"status": "enabled", "vectors": len(self.index), "lookups": self.lookups, "hits": self.hits,
-                "overloaded": self.overloaded, "embedder": self.embedder,
-                "threshold": self.policy.threshold,
-                "max_false_hit_rate": self.policy.max_false_hit_rate}
+        out = {"status": "enabled", "vectors": len(self.index), "lookups": self.lookups, "hits": self.hits,
+               "overloaded": self.overloaded, "embedder": self.embedder,
+               "threshold": self.policy.threshold,
+               "max_false_hit_rate": self.policy.max_false_hit_rate}
+        tenants = {name: {"status": "enabled", "threshold": p.threshold, "max_false_hit_rate": p.max_false_hit_rate}
+                   for name, p in self.tenant_policies.items()}
+        tenants.update((name, {"status": why}) for name, why in self.off.items())
+        if tenants:
+            out["tenants"] = tenants
+        return out
 
     async def save_periodically(self) -> None:
         while True:
@@ -129,17 +148,22 @@ class SemanticTier:
 
 
 async def open_semantic_tier(config: SemanticConfig, data_dir: str, live_keys: Callable[[], Collection[bytes]],
-                             *, worker: int = 0) -> tuple[SemanticTier | None, str]:
-    """Load the model, the policy and the saved vectors; (None, reason) when it cannot.
+                             *, worker: int = 0,
+                             tenants: Sequence[TenantConfig] = ()) -> tuple[SemanticTier | None, str]:
+    """Load the model, the policies and the saved vectors; (None, reason) when it cannot.
 
     Worker processes of one node share the disk tier but not memory: each keeps the vectors
     of the answers it filled, in a folder of its own (``vectors``, ``vectors-1``, …).
+    A tenant whose own policy cannot be used (unreadable, another embedder's, a bound its
+    table does not support) is kept out of the tier, with the reason in ``/healthz``; the
+    other tenants are not affected.
     """
     if not config.enabled:
         return None, "disabled"
     try:   # imports read files and the model loads for seconds: all of it off the loop
         folder = os.path.join(data_dir, "vectors" if worker == 0 else f"vectors-{worker}")
         policy, embedder, index, batcher_class = await asyncio.to_thread(_load, config, folder, live_keys)
+        tenant_policies, off = await asyncio.to_thread(tenant_policies_for, config, policy, tenants)
     except ImportError as exc:
         log.warning("semantic tier unavailable (pip install 'edgecache[semantic]'): %s", exc)
         return None, f"unavailable: {exc.name or exc} is not installed (pip install 'edgecache[semantic]')"
@@ -149,7 +173,44 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str, live_keys: C
     batcher = batcher_class(embedder.encode, window_s=config.batch_window_s, max_batch=config.max_batch,
                             max_queue=config.max_queue)
     await batcher.start()
-    return SemanticTier(config, batcher, index, policy, embedder.backend), "enabled"
+    return SemanticTier(config, batcher, index, policy, embedder.backend, tenant_policies=tenant_policies,
+                        off=off), "enabled"
+
+
+def tenant_policies_for(config: SemanticConfig, node_policy: Any,
+                        tenants: Sequence[TenantConfig]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tenants' own policies (those that differ from the node's) and the tenants kept out
+    of the semantic tier, with why. A tenant's policy must name the node's embedder: its
+    vectors are the only ones this node has."""
+    from edgecache.semantic_policy import SemanticPolicy
+
+    policies: dict[str, Any] = {}
+    off: dict[str, str] = {}
+    loaded: dict[tuple[str, float], Any] = {}
+    for tenant in tenants:
+        if not tenant.semantic:
+            off[tenant.name] = "off (tenant configuration)"
+            continue
+        path = tenant.semantic_policy_path or config.policy_path
+        rate = tenant.semantic_max_false_hit_rate or config.max_false_hit_rate
+        if (path, rate) == (config.policy_path, config.max_false_hit_rate):
+            continue
+        if (path, rate) not in loaded:
+            try:
+                loaded[path, rate] = SemanticPolicy.load(path or None, max_false_hit_rate=rate)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                loaded[path, rate] = f"unavailable: the tenant's policy ({path or 'shipped'}, " \
+                                     f"max_false_hit_rate {rate:g}): {exc}"
+        policy = loaded[path, rate]
+        if not isinstance(policy, str) and policy.embedder != node_policy.embedder:
+            policy = (f"unavailable: the tenant's policy was calibrated on the {policy.embedder} embedder; "
+                      f"this node embeds with {node_policy.embedder}")
+        if isinstance(policy, str):
+            log.error("semantic tier off for tenant %s: %s", tenant.name, policy)
+            off[tenant.name] = policy
+        else:
+            policies[tenant.name] = policy
+    return policies, off
 
 
 def _load(config: SemanticConfig, folder: str,

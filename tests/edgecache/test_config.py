@@ -41,6 +41,9 @@ def test_secrets_are_overridden_by_the_environment() -> None:
     ({"auth": {"webhook_secret": "whsec_abc"}}, "webhook_secret: the webhook secret is not base64"),
     ({"origin": {"routing": "random"}}, "origin.routing"),
     ({"nodes": []}, "unknown section 'nodes'"),
+    ({"tenants": [{"name": "a", "semantic_max_false_hit_rate": 1.5}]}, "tenants[0].semantic_max_false_hit_rate"),
+    ({"tenants": [{"name": "a", "semantic": "no"}]}, "tenants[0].semantic: expected bool"),
+    ({"tenants": [{"name": ""}]}, "tenants[0].name: expected a non-empty name"),
 ])
 def test_errors_name_the_key_at_fault(raw: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:
@@ -67,3 +70,15 @@ def test_the_environment_names_the_origin_url_and_the_instance() -> None:
         parse_config(raw, {"EDGECACHE_ORIGIN_URL": "origin:8100"})
     with pytest.raises(ConfigError, match="instance"):
         parse_config(raw, {"EDGECACHE_INSTANCE": "a/b"})
+
+
+def test_a_tenant_may_carry_its_own_semantic_policy() -> None:
+    raw = {"edges": [{"region": "a"}], "tenants": [
+        {"name": "bank", "api_keys": ["sk-b"], "semantic_policy_path": "/etc/edgecache/bank.json",
+         "semantic_max_false_hit_rate": 0.002},
+        {"name": "games", "api_keys": ["sk-g"], "semantic": False}]}
+    config = parse_config(raw, {})
+    bank, games = config.edge("a").tenants
+    assert (bank.semantic, bank.semantic_policy_path, bank.semantic_max_false_hit_rate) == \
+        (True, "/etc/edgecache/bank.json", 0.002)
+    assert games.semantic is False and games.semantic_max_false_hit_rate == 0.0   # 0: the node's bound

@@ -186,3 +186,56 @@ async def test_a_policy_whose_model_cannot_be_exported_leaves_the_tier_unavailab
     stack = await make_stack(node_overrides={"semantic": config})
     health = await health_of(stack.edges["us-east"])
     assert health["status"].startswith("unavailable: the policy was calibrated on the onnx-int8 embedder")
+
+
+@pytest.fixture
+def tenant_policies(tmp_path) -> dict[str, str]:
+    """strict: the shipped policy with every threshold at 1.0 (the verifier never lets a pair
+    through); odd: the same, saying it was calibrated on another embedder than the node's."""
+    from edgecache.semantic_policy import DEFAULT_PATH
+
+    doc = orjson.loads(DEFAULT_PATH.read_bytes())
+    for verifier in doc["verifiers"].values():
+        verifier["calibration"]["rows"] = [[1.0, *row[1:]] for row in verifier["calibration"]["rows"]]
+    (tmp_path / "strict.json").write_bytes(orjson.dumps(doc))
+    doc["embedder"] = "torch" if doc["embedder"] != "torch" else "onnx-int8"
+    (tmp_path / "odd.json").write_bytes(orjson.dumps(doc))
+    return {"strict": str(tmp_path / "strict.json"), "odd": str(tmp_path / "odd.json")}
+
+
+async def test_each_tenant_gets_its_own_policy_or_none(make_stack, tenant_policies) -> None:
+    import asyncio
+
+    from edgecache.config import TenantConfig
+    from nodes.app import NODE
+
+    strict_policy, other_embedder = tenant_policies["strict"], tenant_policies["odd"]
+    tenants = (TenantConfig("acme", ("sk-acme",)),                                    # the node's policy
+               TenantConfig("bank", ("sk-bank",), semantic_policy_path=strict_policy),
+               TenantConfig("quiet", ("sk-quiet",), semantic=False),
+               TenantConfig("tight", ("sk-tight",), semantic_max_false_hit_rate=0.00001),  # below the table
+               TenantConfig("odd", ("sk-odd",), semantic_policy_path=str(other_embedder)),
+               TenantConfig("fine", ("sk-fine",), semantic_max_false_hit_rate=0.02))
+    stack = await make_stack(node_overrides=SEMANTIC, tenants=tenants)
+    edge = stack.edges["us-east"]
+    for key in ("sk-acme", "sk-bank", "sk-quiet", "sk-tight", "sk-odd"):
+        _, first = await ask(edge, chat("How do I reset my password?"), key)
+        status, second = await ask(edge, chat("How can I reset my password?"), key)
+        if key == "sk-acme":
+            assert 'detail="semantic 0.' in status and second == first
+        else:
+            assert "semantic" not in status and "fwd=miss" in status, (key, status)
+    health = await health_of(edge)
+    assert health["status"] == "enabled" and health["hits"] == 1
+    tenants_health = health["tenants"]
+    assert "acme" not in tenants_health                      # on the node's policy: nothing to say
+    assert tenants_health["bank"]["status"] == "enabled" and tenants_health["bank"]["threshold"] == 1.0
+    assert tenants_health["fine"]["max_false_hit_rate"] == 0.02
+    assert tenants_health["fine"]["threshold"] < health["threshold"]   # a looser bound, a lower bar
+    assert tenants_health["quiet"]["status"].startswith("off")
+    assert "below what this calibration supports" in tenants_health["tight"]["status"]
+    assert "embedder" in tenants_health["odd"]["status"]
+    # answers of tenants kept out were never indexed: acme's first question, bank's two
+    state = stack.servers["us-east"].app[NODE]
+    await asyncio.gather(*state.writes)
+    assert len(state.semantic.index) == 3
