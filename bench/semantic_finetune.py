@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.qqp import Pair, load_pairs, sample_pairs
+from bench.report import finish
 
 __all__ = ["hit_rates", "main"]
 
@@ -175,11 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log("embedding the calib pairs with the tuned model")
     report["tuned"] = hit_rates(model.cosines(calib), labels)
     print(json.dumps(report, indent=2))
-    print(_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return finish(report, _table(report), args.json, module="bench.semantic_finetune", argv=argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import ctypes
 import gc
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
+
+from bench.report import finish
 
 __all__ = ["build_parser", "main", "rss_bytes", "run_compare", "run_size", "summarize", "synthetic"]
 
@@ -317,13 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             report["compare"].append(row)
             print(f"{row['structure']}: search p50 {row['search']['p50_ms']:.3f} ms, recall {row['recall_at_1']:.3f}",
                   flush=True)
-    report["command"] = "python -m bench.semantic_index " + shlex.join(argv if argv is not None else sys.argv[1:])
-    report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(format_tables(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return finish(report, format_tables(report), args.json, module="bench.semantic_index", argv=argv)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.cpu import cpu_sample, cpu_usage
+from bench.report import finish
 from bench.semantic_index import summarize, synthetic
 
 __all__ = ["BACKENDS", "MODES", "agreement", "build_parser", "main", "questions", "run_cell"]
@@ -257,13 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(_run(args))
     else:
         report = uvloop.run(_run(args))
-    report["command"] = "python -m bench.semantic_latency " + shlex.join(argv if argv is not None else sys.argv[1:])
-    report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(format_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return finish(report, format_table(report), args.json, module="bench.semantic_latency", argv=argv)
 
 
 if __name__ == "__main__":
