@@ -28,13 +28,18 @@ from edgecache.entry import Entry
 from edgecache.errors import Overloaded
 from edgecache.semantic import SemanticQuery
 
-__all__ = ["EmbedderUnavailable", "SemanticHit", "SemanticTier", "open_semantic_tier", "tenant_policies_for"]
+__all__ = ["EmbedderUnavailable", "PolicyUnavailable", "SemanticHit", "SemanticTier", "open_semantic_tier",
+           "tenant_policies_for"]
 
 log = logging.getLogger("edgecache.node.semantic")
 
 
 class EmbedderUnavailable(RuntimeError):
     """The embedder backend the policy was calibrated on cannot run on this node."""
+
+
+class PolicyUnavailable(RuntimeError):
+    """The node's hit policy cannot be used: unreadable, or no threshold within the bound."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +172,7 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str, live_keys: C
     except ImportError as exc:
         log.warning("semantic tier unavailable (pip install 'edgecache[semantic]'): %s", exc)
         return None, f"unavailable: {exc.name or exc} is not installed (pip install 'edgecache[semantic]')"
-    except EmbedderUnavailable as exc:
+    except (EmbedderUnavailable, PolicyUnavailable) as exc:
         log.error("semantic tier unavailable: %s", exc)
         return None, f"unavailable: {exc}"
     batcher = batcher_class(embedder.encode, window_s=config.batch_window_s, max_batch=config.max_batch,
@@ -222,7 +227,11 @@ def _load(config: SemanticConfig, folder: str,
     from edgecache.stores.embed import Embedder, MicroBatcher
     from edgecache.stores.vectors import VectorIndex
 
-    policy = SemanticPolicy.load(config.policy_path or None, max_false_hit_rate=config.max_false_hit_rate)
+    try:
+        policy = SemanticPolicy.load(config.policy_path or None, max_false_hit_rate=config.max_false_hit_rate)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PolicyUnavailable(f"the policy ({config.policy_path or 'shipped'}, max_false_hit_rate "
+                                f"{config.max_false_hit_rate:g}): {exc}") from exc
     try:   # exactly the policy's backend: Embedder never falls back when one is named
         embedder = Embedder(backend=policy.embedder, cache_dir=config.model_cache_dir or None)
     except ImportError as exc:

@@ -239,3 +239,18 @@ async def test_each_tenant_gets_its_own_policy_or_none(make_stack, tenant_polici
     state = stack.servers["us-east"].app[NODE]
     await asyncio.gather(*state.writes)
     assert len(state.semantic.index) == 3
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    ({"max_false_hit_rate": 0.00001}, "below what this calibration supports"),
+    ({"policy_path": "/nonexistent/policy.json"}, "No such file"),
+])
+async def test_a_policy_the_node_cannot_use_leaves_the_tier_unavailable_and_exact_hits_working(
+        make_stack, overrides, reason) -> None:
+    stack = await make_stack(node_overrides={"semantic": SemanticConfig(enabled=True, **overrides)})
+    edge = stack.edges["us-east"]
+    health = await health_of(edge)
+    assert health["status"].startswith("unavailable") and reason in health["status"]
+    _, first = await ask(edge, chat("How do I reset my password?"))
+    status, again = await ask(edge, chat("How do I reset my password?"))
+    assert "; hit;" in status and again == first
