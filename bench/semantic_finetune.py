@@ -57,6 +57,56 @@ def hit_rates(cos: Sequence[float], labels: Sequence[int], bounds: Sequence[floa
     return out
 
 
+class _Vectors:
+    """Unit vectors of texts: ``matrix(texts)`` (what ``bench.semantic_train.PairSet`` reads)."""
+
+    def __init__(self, texts: Sequence[str], rows: Any) -> None:
+        self._row = {t: i for i, t in enumerate(texts)}
+        self._rows = rows
+
+    def matrix(self, texts: Sequence[str]) -> Any:
+        return self._rows[[self._row[t] for t in texts]]
+
+    def cosines(self, pairs: Sequence[Pair]) -> list[float]:
+        return [float(self._rows[self._row[p.a]] @ self._rows[self._row[p.b]]) for p in pairs]
+
+
+def verifier_rates(pairs: Sequence[Pair], vectors: _Vectors, log: Any) -> dict[str, Any]:
+    """The policy's pipeline on these vectors, cross-fitted: guards and the MLP verifier
+    (``bench.semantic_train.fit_mlp``) fitted on one half of the question groups and scoring
+    the other, both ways; hit rate at each bound over all pairs (oracle threshold), and the
+    same for the cosine behind the guards alone."""
+    import zlib
+
+    import numpy as np
+
+    from bench.semantic_train import PairSet, fit_mlp, scores_of, tpr_at
+
+    folded = [" ".join(p.a.casefold().split()) for p in pairs]
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p, a in zip(pairs, folded, strict=True):
+        ra, rb = find(a), find(" ".join(p.b.casefold().split()))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    fold = np.array([zlib.crc32(find(a).encode()) % 2 for a in folded])
+    whole = PairSet(pairs, vectors)
+    scores = np.full(len(pairs), -np.inf)
+    for k in (0, 1):
+        model = fit_mlp(whole.subset(fold != k), log=log)
+        scores[fold == k] = scores_of(model, whole.subset(fold == k), 0.65)
+    guarded = np.where([r is None for r in whole.refusal], whole.cos, -np.inf)
+    return {f"{b:g}": {"verifier": tpr_at(scores, whole.labels, b), "guards_cosine": tpr_at(guarded, whole.labels, b)}
+            for b in BOUNDS}
+
+
 class _Model:
     """all-MiniLM-L6-v2's transformer with mean pooling and unit norm, in torch."""
 
@@ -80,17 +130,25 @@ class _Model:
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return self.torch.nn.functional.normalize(pooled, dim=-1)
 
-    def cosines(self, pairs: Sequence[Pair]) -> list[float]:
+    def embed(self, pairs: Sequence[Pair]) -> _Vectors:
         import numpy as np
 
         texts = sorted({t for p in pairs for t in (p.a, p.b)}, key=len)
-        row = {t: i for i, t in enumerate(texts)}
         out = np.zeros((len(texts), self.net.config.hidden_size), dtype=np.float32)
         self.net.eval()
         with self.torch.inference_mode():
             for start in range(0, len(texts), 256):
                 out[start:start + 256] = self.vectors(texts[start:start + 256]).numpy()
-        return [float(out[row[p.a]] @ out[row[p.b]]) for p in pairs]
+        return _Vectors(texts, out)
+
+    def save(self, folder: Path) -> None:
+        """A sentence-transformers folder: the package's files with the tuned weights."""
+        import shutil
+
+        from edgecache.stores.embed import model_path
+
+        shutil.copytree(model_path(), folder, dirs_exist_ok=True)
+        self.net.save_pretrained(folder)
 
     def tune(self, pairs: Sequence[Pair], *, layers: int, epochs: float, lr: float, batch: int,
              log: Any) -> dict[str, Any]:
@@ -143,6 +201,10 @@ def _table(report: dict[str, Any]) -> str:
     for name in ("base", "tuned"):
         cells = [f"{row['hit_rate']:.1%} (cos ≥ {row['threshold']:.4f})" for row in report[name].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, rows in report.get("verifier", {}).items():
+        lines.append(f"| {name}: guards + cosine | " + " | ".join(f"{r['guards_cosine']:.1%}" for r in rows.values()) + " |")
+        lines.append(f"| {name}: guards + MLP verifier (cross-fitted) | "
+                     + " | ".join(f"{r['verifier']:.1%}" for r in rows.values()) + " |")
     return "\n".join(lines)
 
 
@@ -154,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TRAIN:,} train / {QUICK_CALIB:,} calib pairs")
+    parser.add_argument("--save", type=Path, help="write the tuned model here (a sentence-transformers folder)")
+    parser.add_argument("--verifier", action="store_true",
+                        help="also compare the guards + MLP verifier on base and tuned vectors (cross-fitted on calib)")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     if not 1 <= args.layers <= 6:
@@ -168,13 +233,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = [p.label for p in calib]
     model = _Model(args.threads)
     log(f"embedding {len(calib):,} calib pairs with the base model")
-    report: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "json"} | {
-        "train_pairs": len(train), "calib_pairs": len(calib)}}
-    report["base"] = hit_rates(model.cosines(calib), labels)
+    report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                           if k != "json"} | {"train_pairs": len(train), "calib_pairs": len(calib)}}
+    base = model.embed(calib)
+    report["base"] = hit_rates(base.cosines(calib), labels)
     report["training"] = model.tune(train, layers=args.layers, epochs=args.epochs, lr=args.lr,
                                     batch=args.batch, log=log)
+    if args.save:
+        model.save(args.save)
     log("embedding the calib pairs with the tuned model")
-    report["tuned"] = hit_rates(model.cosines(calib), labels)
+    tuned = model.embed(calib)
+    report["tuned"] = hit_rates(tuned.cosines(calib), labels)
+    if args.verifier:
+        report["verifier"] = {name: verifier_rates(calib, vectors, log) for name, vectors in
+                              (("base", base), ("tuned", tuned))}
     print(json.dumps(report, indent=2))
     return finish(report, _table(report), args.json, module="bench.semantic_finetune", argv=argv)
 
