@@ -40,6 +40,17 @@ class CacheControl:
 
 
 DEFAULT_CACHE_CONTROL = CacheControl()
+_MAX_DELTA_S = 2**31
+"""RFC 9111 §1.2.2: a larger ``delta-seconds`` (``max-age``, a TTL) is taken as this many."""
+
+
+def _delta_seconds(text: str) -> int | None:
+    """RFC 9111 ``delta-seconds``: ASCII digits (not "²" or "٣", which ``str.isdigit`` accepts),
+    capped at ``_MAX_DELTA_S`` without parsing a huge number; None when ``text`` is not one."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0")
+    return _MAX_DELTA_S if len(digits) > 10 else min(int(digits or "0"), _MAX_DELTA_S)
 
 
 def parse_cache_control(value: str | None) -> CacheControl:
@@ -59,10 +70,11 @@ def parse_cache_control(value: str | None) -> CacheControl:
             only_if_cached = True
         elif name == "max-age":
             arg = arg.strip().strip('"')
-            if not arg.isdigit():
+            seconds = _delta_seconds(arg)
+            if seconds is None:
                 raise BadRequest(f"Cache-Control max-age must be a whole number of seconds, got {arg!r}",
                                  param="Cache-Control")
-            max_age = float(arg)
+            max_age = float(seconds)
     return CacheControl(no_store=no_store, no_cache=no_cache, max_age=max_age, only_if_cached=only_if_cached)
 
 
@@ -70,11 +82,11 @@ def parse_ttl(value: str | None, default: float, maximum: float) -> float:
     """The TTL a client asks for with ``X-EdgeCache-TTL`` (whole seconds, capped at ``maximum``)."""
     if value is None:
         return default
-    text = value.strip()
-    if not text.isdigit() or int(text) == 0:
+    seconds = _delta_seconds(value.strip())
+    if not seconds:
         raise BadRequest(f"X-EdgeCache-TTL must be a positive whole number of seconds, got {value!r}",
                          param="X-EdgeCache-TTL")
-    return min(float(text), maximum)
+    return min(float(seconds), maximum)
 
 
 @dataclass(frozen=True, slots=True)

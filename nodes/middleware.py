@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 
 from edgecache.errors import EdgeCacheError, error_body, http_error_body
 from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
@@ -46,6 +47,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             if exc.status < 400:
                 raise
             resp = _error_response(request, exc.status, http_error_body(exc.status, exc.reason))
+        except web.RequestPayloadError as exc:   # reading the body: gzip that is not, a bad chunk
+            cause = exc.__cause__
+            reason = cause.message if isinstance(cause, HttpProcessingError) else "malformed body"
+            resp = _error_response(request, 400, http_error_body(400, f"The request body cannot be read: {reason}"))
         except Exception:
             log.exception("unhandled error on %s", request.path)
             resp = _error_response(request, 500, error_body("internal error in the edge node", "server_error"))
@@ -78,8 +83,8 @@ def _log_access(request: web.Request, resp: web.StreamResponse, span: Span, star
     if completion:
         try:
             tenant = request.app[NODE].tenant_for(request.headers.get("Authorization"))
-        except EdgeCacheError:
-            pass   # a key no tenant lists: never logged
+        except (EdgeCacheError, UnicodeError):
+            pass   # a key no tenant lists, or not even UTF-8: never logged (and the answer stands)
     fields = {"request_id": span.request_id, "trace_id": span.trace_id, "span_id": span.span_id,
               "parent_id": span.parent_id, "region": request.app[CONFIG].region,
               "method": request.method, "path": request.path, "status": resp.status,
