@@ -19,6 +19,7 @@ __all__ = [
     "Outcome",
     "Stale",
     "decide",
+    "delta_seconds",
     "parse_cache_control",
     "parse_ttl",
 ]
@@ -44,7 +45,7 @@ _MAX_DELTA_S = 2**31
 """RFC 9111 §1.2.2: a larger ``delta-seconds`` (``max-age``, a TTL) is taken as this many."""
 
 
-def _delta_seconds(text: str) -> int | None:
+def delta_seconds(text: str) -> int | None:
     """RFC 9111 ``delta-seconds``: ASCII digits (not "²" or "٣", which ``str.isdigit`` accepts),
     capped at ``_MAX_DELTA_S`` without parsing a huge number; None when ``text`` is not one."""
     if not (text.isascii() and text.isdigit()):
@@ -70,7 +71,7 @@ def parse_cache_control(value: str | None) -> CacheControl:
             only_if_cached = True
         elif name == "max-age":
             arg = arg.strip().strip('"')
-            seconds = _delta_seconds(arg)
+            seconds = delta_seconds(arg)
             if seconds is None:
                 raise BadRequest(f"Cache-Control max-age must be a whole number of seconds, got {arg!r}",
                                  param="Cache-Control")
@@ -82,7 +83,7 @@ def parse_ttl(value: str | None, default: float, maximum: float) -> float:
     """The TTL a client asks for with ``X-EdgeCache-TTL`` (whole seconds, capped at ``maximum``)."""
     if value is None:
         return default
-    seconds = _delta_seconds(value.strip())
+    seconds = delta_seconds(value.strip())
     if not seconds:
         raise BadRequest(f"X-EdgeCache-TTL must be a positive whole number of seconds, got {value!r}",
                          param="X-EdgeCache-TTL")

@@ -113,7 +113,10 @@ def expand(body: Mapping[str, Any], prefixes: Mapping[str, Prefix], *, version: 
     if version is not None and version != prefix.version:
         raise UnknownPrefix(f"Prefix {prefix_id!r} is at version {prefix.version}, not {version}",
                             param="prefix", code="prefix_version_mismatch")
-    out["messages"] = [{"role": "system", "content": prefix.text}, *body.get("messages", [])]
+    messages = body.get("messages", [])
+    if not isinstance(messages, list):
+        raise BadRequest("'messages' must be an array", param="messages")
+    out["messages"] = [{"role": "system", "content": prefix.text}, *messages]
     return out
 
 

@@ -62,10 +62,14 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float,
     signatures = headers.get("webhook-signature")
     if not msg_id or not timestamp or not signatures:
         raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature header")
-    if not timestamp.isdigit():
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
         raise WebhookVerificationError("webhook-timestamp must be Unix seconds")
     if abs(now - int(timestamp)) > tolerance_s:
         raise WebhookVerificationError(f"webhook-timestamp is more than {int(tolerance_s)} s from now")
+    try:
+        msg_id.encode()
+    except UnicodeEncodeError:   # bytes that are not UTF-8 (kept as surrogates by aiohttp)
+        raise WebhookVerificationError("webhook-id must be UTF-8 text") from None
     expected = _signature(parse_secret(secret), msg_id, timestamp, body)
     for item in signatures.split():
         version, _, value = item.partition(",")
@@ -73,7 +77,7 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float,
             continue
         try:
             given = base64.b64decode(value, validate=True)
-        except binascii.Error:
+        except (binascii.Error, ValueError):   # ValueError: characters that are not ASCII
             continue
         if hmac.compare_digest(given, expected):
             return msg_id

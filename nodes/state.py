@@ -54,6 +54,11 @@ class NodeState:
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() == "bearer" and value.strip():
                 token = value.strip()
+        if token is not None and not token.isascii():
+            try:
+                token.encode()
+            except UnicodeEncodeError:   # bytes that are not UTF-8 (aiohttp keeps them as surrogates)
+                raise Unauthorized("The API key is not valid UTF-8") from None
         if not self.config.tenants:
             tenant = self.tenants.get(token)
             if tenant is None:

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -125,7 +126,7 @@ BACKEND = web.RequestKey("backend", str)          # the backend that answered, f
 
 def _bearer_is(request: web.Request, token: str) -> bool:
     given = request.headers.get("Authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode())
 
 
 def _authorize(request: web.Request) -> None:
@@ -170,6 +171,11 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
                 raise
             resp = web.Response(status=exc.status, body=http_error_body(exc.status, exc.reason),
                                 content_type="application/json")
+        except web.RequestPayloadError as exc:   # reading the body: gzip that is not, a bad chunk
+            cause = exc.__cause__
+            reason = cause.message if isinstance(cause, HttpProcessingError) else "malformed body"
+            resp = web.Response(status=400, content_type="application/json",
+                                body=http_error_body(400, f"The request body cannot be read: {reason}"))
         if not resp.prepared:   # a stream sent its own (Span.response_headers)
             resp.headers.update(span.response_headers())
         if access_log.isEnabledFor(logging.INFO):
@@ -210,9 +216,9 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         current = request.app[REGISTRY].current
         expanded = expand(parsed, current, version=request.headers.get("X-EdgeCache-Prefix-Version"))
         prefix_id = prefix_reference(parsed, "chat")
-        assert prefix_id is not None
-        prefix = (prefix_id, current[prefix_id].version)   # the text expand just used
-        prefix_tags = current[prefix_id].tags
+        if prefix_id is not None:   # else "prefix": null, no prefix: the field is dropped
+            prefix = (prefix_id, current[prefix_id].version)   # the text expand just used
+            prefix_tags = current[prefix_id].tags
         body = orjson.dumps(expanded)
     endpoint = "chat" if request.path == "/v1/chat/completions" else "completions"
     shielded = None

@@ -177,8 +177,10 @@ def _purge_event(body: object, source_id: str, now: float) -> Event:
     if kind == "prefix_ids":
         return Event(seq=0, created=now, source_id=source_id, soft=soft,
                      tags=frozenset(prefix_tag(validate_prefix_id(p, param="prefix_ids")) for p in value))
+    if not all(isinstance(k, str) for k in value):
+        raise BadRequest("'keys' must be cache keys of 32 hex digits (see Cache-Status)", param="keys")
     try:
-        keys = frozenset(bytes.fromhex(k) for k in value if isinstance(k, str) and len(k) == 32)
+        keys = frozenset(bytes.fromhex(k) for k in value if len(k) == 32)
     except ValueError:
         keys = frozenset()
     if len(keys) != len(set(value)):
@@ -195,6 +197,11 @@ async def _purge(request: web.Request) -> web.Response:
     source_id = request.headers.get("Idempotency-Key") or f"purge-{uuid.uuid4().hex}"
     if len(source_id) > 200:
         raise BadRequest("Idempotency-Key is longer than 200 characters", param="Idempotency-Key")
+    if not source_id.isascii():
+        try:
+            source_id.encode()
+        except UnicodeEncodeError:   # bytes that are not UTF-8 (kept as surrogates by aiohttp)
+            raise BadRequest("Idempotency-Key must be UTF-8 text", param="Idempotency-Key") from None
     event = _purge_event(body, source_id, time.time())
     stored, new = await request.app[EVENTS].append(event)
     return await acknowledge(request, stored, new=new, wait=wait)
@@ -205,6 +212,8 @@ async def _events(request: web.Request) -> web.Response:
     try:
         after = int(request.query.get("after", "0"))
         timeout = min(float(request.query.get("timeout", "0")), MAX_WAIT_S)
+        if not (0 <= after < 2**63 and timeout >= 0):   # SQLite's integers; NaN fails too
+            raise ValueError
     except ValueError:
         raise BadRequest("'after' must be a sequence number and 'timeout' seconds") from None
     if "edge" in request.query:

@@ -47,7 +47,7 @@ from edgecache.entry import Entry, Usage
 from edgecache.errors import BadRequest
 from edgecache.events import Event
 from edgecache.keys import Scope, cache_key
-from edgecache.policy import parse_cache_control
+from edgecache.policy import delta_seconds, parse_cache_control
 from edgecache.prefix import prefix_tag
 from edgecache.stores.memory import MemoryTier
 from edgecache.stream import (
@@ -143,10 +143,10 @@ def _tags(value: str) -> frozenset[str]:
 def _ttl(value: str | None) -> float | None:
     if value is None:
         return None
-    text = value.strip()
-    if not text.isdigit() or int(text) == 0:
+    seconds = delta_seconds(value.strip())
+    if not seconds:
         return None
-    return min(float(text), _MAX_TTL_S)
+    return min(float(seconds), _MAX_TTL_S)
 
 
 def answer_entry(req: ShieldRequest, content_type: str, raw: bytes, created: float) -> Entry | None:

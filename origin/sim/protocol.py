@@ -116,7 +116,7 @@ def _check_message(m: Any, where: str) -> None:
     if not isinstance(m, dict):
         raise BadRequest(f"'{where}' must be an object.", param=where)
     role = m.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise BadRequest(f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}.",
                          param=f"{where}.role")
     content = m.get("content")
