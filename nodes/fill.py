@@ -74,7 +74,8 @@ class Fill:
         self.origin_age = 0      # the origin's ``Age``: seconds its shield had held the answer
         self.shield_hit = False  # the origin answered from its shield (``X-EdgeCache-Shield: hit``)
         self._session = session
-        self._timeout = timeout
+        self._timeout = timeout   # for the first byte, then between stream chunks
+        self._deadline: asyncio.Timeout | None = None
         self._on_entry = on_entry
         self._clock = clock
         self._prepare = prepare
@@ -124,9 +125,14 @@ class Fill:
         if not self.started.done():
             self.started.set_result(reply)
 
+    def _heard(self) -> None:
+        """The origin sent something: it has ``timeout`` seconds again (first byte, then each chunk)."""
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time() + self._timeout)
+
     async def _run(self) -> None:
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout) as self._deadline:
                 if self._prepare is not None:
                     await self._prepare()
                 await self._request()
@@ -159,6 +165,7 @@ class Fill:
         else:
             body.pop("stream_options", None)
         async with self._session.post(req.path, data=orjson.dumps(body), headers=req.headers) as resp:
+            self._heard()
             if resp.status != 200:
                 self._begin(UpstreamReply(resp.status, await resp.read(),
                                           resp.headers.get("Content-Type", "application/json"),
@@ -185,6 +192,7 @@ class Fill:
         usage: dict[str, Any] | None = None
         finished = False
         async for data in resp.content.iter_any():
+            self._heard()
             for payload in parser.feed(data):
                 if payload == b"[DONE]":
                     finished = True

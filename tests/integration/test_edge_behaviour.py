@@ -12,7 +12,7 @@ import pytest
 from edgecache.config import TenantConfig
 from nodes.app import create_app
 from tests.conftest import NODE_TOKEN, Stack, async_openai
-from tests.integration.upstreams import CutStream, Failing, Gate
+from tests.integration.upstreams import CutStream, Failing, Gate, Trickle
 
 pytestmark = pytest.mark.integration
 
@@ -138,6 +138,37 @@ async def test_client_leaving_mid_stream_leaves_no_entry_and_cancels_the_fill(ma
     await asyncio.wait_for(held.cancelled.wait(), 5)
     status, headers, _ = await post(edge, headers={"Cache-Control": "only-if-cached"})
     assert status == 504 and "only-if-cached" in headers["Cache-Status"]
+
+
+async def test_a_stream_longer_than_origin_timeout_completes_while_chunks_keep_coming(make_stack,
+                                                                                     serve_app) -> None:
+    # origin_timeout_s bounds the wait for the first byte and each silence, not the whole answer
+    trickle = Trickle(count=20, gap_s=0.05)   # about 1 s in all, never silent for more than 0.05 s
+    stack = await make_stack(sims=0, backends=(await serve_app(trickle.app()),),
+                             node_overrides={"origin_timeout_s": 0.5})
+    async with await async_openai(stack.edges["us-east"] + "/v1") as c:
+        stream = await c.chat.completions.create(stream=True, **CHAT)
+        text = "".join([part.choices[0].delta.content or "" async for part in stream if part.choices])
+    assert text == "".join(f"w{i} " for i in range(20))
+    status, headers, body = await post(stack.edges["us-east"], {**CHAT, "stream": True})
+    assert status == 200 and "; hit;" in headers["Cache-Status"] and b"w19" in body
+    assert trickle.requests == 1
+
+
+async def test_a_stream_silent_for_longer_than_origin_timeout_is_cut_and_not_stored(make_stack,
+                                                                                  serve_app) -> None:
+    held = CutStream(hold=True)   # two chunks, then silence
+    stack = await make_stack(sims=0, backends=(await serve_app(held.app()),),
+                             node_overrides={"origin_timeout_s": 0.5})
+    async with await async_openai(stack.edges["us-east"] + "/v1") as c:
+        with pytest.raises(openai.APIError):
+            stream = await c.chat.completions.create(stream=True, **CHAT)
+            async for _ in stream:
+                pass
+    status, _, _ = await post(stack.edges["us-east"], {**CHAT, "stream": True},
+                                    headers={"Cache-Control": "only-if-cached"})
+    assert status == 504
+    held.release.set()
 
 
 async def test_cache_control_directives(stack: Stack) -> None:

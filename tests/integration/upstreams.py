@@ -115,3 +115,22 @@ class Dropping(_ChatUpstream):
         assert request.transport is not None
         request.transport.close()
         return web.Response()
+
+
+class Trickle(_ChatUpstream):
+    """Streams ``count`` chunks ``gap_s`` apart, then finishes: a long answer that never pauses long."""
+
+    def __init__(self, count: int, gap_s: float) -> None:
+        self.count = count
+        self.gap_s = gap_s
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(self.count):
+            await resp.write(chunk(f"w{i} "))
+            await asyncio.sleep(self.gap_s)
+        await resp.write(chunk("", "stop"))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
