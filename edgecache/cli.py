@@ -110,6 +110,9 @@ def _cmd_origin(args: argparse.Namespace) -> int:
 
     configure_logging("origin")
     config = _topology(args.topology)
+    if not config.all_backends():   # `config check` accepts it: a remote region's topology has none
+        raise ConfigError(f"{config.source}: the origin needs an inference server: add [[backends]] "
+                          "or simulated ones ([sim] count > 0)")
     port = args.port or config.origin.port
     run_app(lambda: create_origin_app(config), config.origin.host, port)
     return 0

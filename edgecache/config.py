@@ -148,7 +148,7 @@ class OriginConfig:
     read_timeout_s: longest silence inside a streamed answer (60).
     retries: further backends tried before the first byte (2).
     max_body_bytes: largest request body accepted (4 MiB).
-    data_dir: folder of the prefix registry (default ``var/origin`` beside the topology file).
+    data_dir: folder of the prefix registry (default ``var/origin`` in the parent of the topology file's folder).
     max_prefix_bytes: largest prefix text accepted (1 MiB).
     warm_prefixes: prefill a new or changed prefix on the backend(s) it will be routed to (true).
     health_interval_s: how often each backend's ``/health`` is checked; 0 never (5).
@@ -279,7 +279,7 @@ class NodeConfig:
     """One edge node.
 
     region: its name, used in ``Cache-Status`` (required). host/port: bind address.
-    data_dir: folder of the disk tier (default ``var/<region>`` beside the topology file).
+    data_dir: folder of the disk tier (default ``var/<region>`` in the parent of the topology file's folder).
     memory_bytes: memory tier bound (256 MiB). disk_bytes: disk tier bound (4 GiB).
     default_ttl_s: TTL of a stored answer without ``X-EdgeCache-TTL`` (86400).
     max_ttl_s: the largest TTL a client may ask for (2592000, 30 days).

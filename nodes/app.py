@@ -176,7 +176,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 
     base = f'edgecache-{region}; fwd={fwd}{detail}; key="{req.key.hex()}"'
     if req.cc.only_if_cached:
-        request[CACHE_STATUS] = f"{base}; detail=only-if-cached"
+        why = "fenced+only-if-cached" if detail else "only-if-cached"   # one detail parameter (RFC 9211)
+        request[CACHE_STATUS] = f'edgecache-{region}; fwd={fwd}; key="{req.key.hex()}"; detail={why}'
         state.metrics.observe(req.endpoint, "error", time.perf_counter() - started)
         raise NotCached("The answer is not cached and the request said only-if-cached")
 

@@ -47,6 +47,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             if exc.status < 400:
                 raise
             resp = _error_response(request, exc.status, http_error_body(exc.status, exc.reason))
+            if "Allow" in exc.headers:   # a 405 says which methods the path takes
+                resp.headers["Allow"] = exc.headers["Allow"]
         except web.RequestPayloadError as exc:   # reading the body: gzip that is not, a bad chunk
             cause = exc.__cause__
             reason = cause.message if isinstance(cause, HttpProcessingError) else "malformed body"
@@ -69,6 +71,8 @@ def _cache_result(cache_status: str | None) -> str | None:
         return None
     if "; hit;" in cache_status:
         return "semantic_hit" if 'detail="semantic' in cache_status else "hit"
+    if "only-if-cached" in cache_status:   # a miss the client would not wait for: the metric's "error"
+        return "error"
     for fwd, result in (("fwd=request", "bypass"), ("fwd=stale", "stale"), ("fwd=bypass", "rejected")):
         if fwd in cache_status:
             return result

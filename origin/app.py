@@ -54,6 +54,7 @@ log = logging.getLogger("edgecache.origin")
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 _PUBLIC = frozenset({"/health", "/healthz", "/metrics"})
+_EDGE_CALLS = frozenset({"/v1/events/leave", "/v1/chat/completions", "/v1/completions"})   # not admin changes
 _FORWARDED = ("Content-Type", "Accept")   # and traceparent (our span), tracestate, X-Request-Id
 
 
@@ -171,6 +172,8 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
                 raise
             resp = web.Response(status=exc.status, body=http_error_body(exc.status, exc.reason),
                                 content_type="application/json")
+            if "Allow" in exc.headers:   # a 405 says which methods the path takes
+                resp.headers["Allow"] = exc.headers["Allow"]
         except web.RequestPayloadError as exc:   # reading the body: gzip that is not, a bad chunk
             cause = exc.__cause__
             reason = cause.message if isinstance(cause, HttpProcessingError) else "malformed body"
@@ -186,8 +189,10 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
 
 
 def _log_access(request: web.Request, resp: web.StreamResponse, span: Span, started: float) -> None:
-    """One line per request: completions at INFO, the rest (polls, health, metrics) at DEBUG."""
+    """One line per request: completions and changes (purges, webhooks, prefix writes: the audit
+    trail) at INFO, reads (polls, health, metrics, prefix lists) at DEBUG."""
     forwarded = request.path in ("/v1/chat/completions", "/v1/completions")
+    change = request.method in ("POST", "PUT", "PATCH", "DELETE") and request.path not in _EDGE_CALLS
     headers = request.headers
     fields = {"request_id": span.request_id, "trace_id": span.trace_id, "span_id": span.span_id,
               "parent_id": span.parent_id, "method": request.method, "path": request.path,
@@ -196,7 +201,7 @@ def _log_access(request: web.Request, resp: web.StreamResponse, span: Span, star
               "tenant": headers.get("X-EdgeCache-Tenant") if forwarded else None,
               "backend": request.get(BACKEND), "bytes_in": request.content_length or 0,
               "bytes_out": resp.body_length if resp.prepared else (resp.content_length or 0)}
-    access_log.log(logging.INFO if forwarded else logging.DEBUG, access_message(fields),
+    access_log.log(logging.INFO if forwarded or change else logging.DEBUG, access_message(fields),
                    extra={"fields": fields})
 
 

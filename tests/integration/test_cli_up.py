@@ -143,6 +143,15 @@ data_dir = "{tmp_path / 'eu-west'}"
     assert b"stopped" in rest
 
 
+def test_an_origin_without_inference_servers_is_a_configuration_error(tmp_path: Path) -> None:
+    topology = tmp_path / "no-backends.toml"
+    topology.write_text('[sim]\ncount = 0\n[[edges]]\nregion = "x"\n')
+    run = subprocess.run([sys.executable, "-m", "edgecache.cli", "origin", "--topology", str(topology)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "needs an inference server" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_calibrate_checks_a_policy_on_labeled_pairs(tmp_path: Path) -> None:
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"a": f"How do I reset my password {i}?", "b": f"How can I reset my password {i}?", "label": 1,

@@ -227,6 +227,14 @@ async def test_oversized_body_is_413_at_the_edge_and_at_the_origin(make_stack) -
         assert status == 413 and orjson.loads(body)["error"]["code"] == "payload_too_large"
 
 
+async def test_a_wrong_method_is_a_405_that_says_which_methods_the_path_takes(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as s:
+        for url in (stack.edges["us-east"], stack.origin_url):
+            async with s.get(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {NODE_TOKEN}"}) as r:
+                assert r.status == 405 and "POST" in r.headers["Allow"]
+                assert (await r.json())["error"]["type"] == "invalid_request_error"
+
+
 async def test_edge_restarted_on_the_same_disk_keeps_its_entries(make_stack, tmp_path) -> None:
     stack = await make_stack(data_root=tmp_path)
     status, _, first = await post(stack.edges["us-east"])

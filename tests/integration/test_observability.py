@@ -130,3 +130,35 @@ async def test_a_rejected_request_is_logged_and_still_answers_with_ids(
     [line] = [line for line in access_lines(caplog) if line.get("request_id") == rid]
     assert line["status"] == 400 and line["cache"] == "rejected"
     assert backend_traces(stack) == []
+
+
+async def test_an_only_if_cached_miss_is_logged_as_the_metric_counts_it(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    body = {"model": "sim-llm", "messages": [{"role": "user", "content": "never asked before"}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.edges["us-east"] + "/v1/chat/completions", json=body,
+                          headers={"Cache-Control": "only-if-cached"}) as resp:
+            assert resp.status == 504
+            rid = resp.headers["X-Request-Id"]
+        async with s.get(stack.edges["us-east"] + "/metrics") as resp:
+            metrics = await resp.text()
+    [line] = [line for line in access_lines(caplog) if line.get("request_id") == rid]
+    assert line["status"] == 504 and line["cache"] == "error"
+    assert 'edgecache_requests_total{cache_result="error",endpoint="chat",region="us-east"} 1.0' in metrics
+
+
+async def test_changes_at_the_origin_leave_an_audit_line_at_info(stack: Stack,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    async with aiohttp.ClientSession() as s:
+        for token in ("dev-admin-token", "not-the-token"):
+            async with s.post(stack.origin_url + "/v1/purge", json={"tags": ["doc:9"]},
+                              headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == (200 if token == "dev-admin-token" else 401)
+        async with s.get(stack.origin_url + "/v1/prefixes", headers={"Authorization": "Bearer dev-admin-token"}):
+            pass
+    lines = access_lines(caplog)
+    purges = [(line["status"], line["level"]) for line in lines if line["path"] == "/v1/purge"]
+    assert purges == [(200, "INFO"), (401, "INFO")]   # a refused change is audited too
+    assert not [line for line in lines if line["path"] == "/v1/prefixes"]   # reads stay at DEBUG

@@ -92,6 +92,8 @@ async def test_an_edge_that_lost_the_stream_stops_serving_tagged_entries(stack: 
     follower = stack.servers["us-east"].app[NODE].events
     heard = follower.clock()
     follower.clock = lambda: heard + follower.max_staleness_s + 1   # the stream has been silent too long
+    status, cache_status = await ask(edge, {"Cache-Control": "only-if-cached"})
+    assert status == 504 and cache_status.count("detail=") == 1 and "detail=fenced+only-if-cached" in cache_status
     status, cache_status = await ask(edge)
     assert status == 200 and "fwd=miss; detail=fenced" in cache_status
     async with aiohttp.ClientSession() as s:
