@@ -295,6 +295,7 @@ def _parse(raw: bytes) -> dict[str, Any]:
 
 async def _models(request: web.Request) -> web.Response:
     state = request.app[NODE]
+    state.tenant_for(request.headers.get("Authorization"))   # with [[tenants]]: a known key, as for completions
     try:
         async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}",
                                                             **request[SPAN].response_headers()},

@@ -89,6 +89,11 @@ async def test_listed_tenants_require_a_known_key(make_stack) -> None:
     _, other_tenant, _ = await post(edge, headers={"Authorization": "Bearer sk-globex"})
     assert "; hit;" in same_tenant["Cache-Status"]
     assert "fwd=miss" in other_tenant["Cache-Status"]
+    async with aiohttp.ClientSession() as s:   # the model list too, as OpenAI's
+        async with s.get(edge + "/v1/models") as resp:
+            assert resp.status == 401
+        async with s.get(edge + "/v1/models", headers={"Authorization": "Bearer sk-globex"}) as resp:
+            assert resp.status == 200 and (await resp.json())["data"]
 
 
 async def test_upstream_errors_pass_through_and_are_not_stored(make_stack, serve_app) -> None:
