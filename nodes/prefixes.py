@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from edgecache.errors import UpstreamError
+
 __all__ = ["PrefixInfo", "PrefixReplica"]
 
 log = logging.getLogger("edgecache.node.prefixes")
@@ -52,11 +54,19 @@ class PrefixReplica:
                           bytes=int(item.get("bytes", 0)))
 
     async def refresh(self) -> None:
-        """Replace the replica with the origin's registry (raises on a failure)."""
-        async with self._session.get("/v1/prefixes", headers=self._headers,
-                                     timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            resp.raise_for_status()
-            items = orjson.loads(await resp.read())["data"]
+        """Replace the replica with the origin's registry (raises on a failure).
+
+        A refusal raises an ``UpstreamError`` naming the status only: aiohttp's
+        ``ClientResponseError`` carries the request's headers, the node token among them.
+        """
+        try:
+            async with self._session.get("/v1/prefixes", headers=self._headers,
+                                         timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                if not 200 <= resp.status < 300:
+                    raise UpstreamError(f"the origin answered GET /v1/prefixes with {resp.status}")
+                items = orjson.loads(await resp.read())["data"]
+        except aiohttp.ClientResponseError as exc:   # a redirect loop, say: never its request headers
+            raise UpstreamError(f"the origin answered GET /v1/prefixes with {exc.status}") from None
         current = {item["id"]: self._info(item) for item in items}
         if current != self.prefixes:
             self.prefixes = current
@@ -83,6 +93,6 @@ class PrefixReplica:
         while True:
             try:
                 await self.refresh()
-            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            except (UpstreamError, aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
                 log.warning("prefix registry refresh failed: %r", exc)
             await asyncio.sleep(every_s)

@@ -500,10 +500,6 @@ async def test_no_secret_or_prompt_reaches_any_log_line(make_stack: StackFactory
     assert not leaks
 
 
-@finding(
-    "nodes/prefixes.py PrefixReplica.follow logs the refresh failure with %r: an aiohttp "
-    "ClientResponseError's repr holds its RequestInfo, whose headers carry 'Authorization: Bearer "
-    "<node token>' (any non-2xx answer, e.g. the 401 of a rotated token)")
 async def test_the_node_token_stays_out_of_the_log_when_the_origin_refuses_it(make_stack: StackFactory) -> None:
     token = f"node-token-{uuid.uuid4().hex}"   # rotated at the origin, not yet at this edge
     with recording(until=lambda r: r.name == "edgecache.node.prefixes") as records:
