@@ -32,6 +32,7 @@ from edgecache.errors import BadRequest
 
 __all__ = [
     "ENDPOINTS",
+    "MAX_DEPTH",
     "SPEC_VERSION",
     "TRANSPORT_FIELDS",
     "CacheKey",
@@ -62,6 +63,10 @@ TRANSPORT_FIELDS: frozenset[str] = frozenset(
     }
 )
 """Top-level request fields left out of the key. Every other field, known or not, is in it."""
+
+MAX_DEPTH: int = 64
+"""How deep arrays and objects may nest in a request, the body itself being depth 1; a deeper
+body is a 400 (JSON parsers accept far deeper ones, which would exhaust the stack here)."""
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -138,8 +143,8 @@ def canonical_request(endpoint: str, body: object) -> dict:
     (recursively), integral floats turned into ints.
 
     Raises :class:`BadRequest` (``param`` names the field) when the body is not the shape the
-    endpoint takes or holds a value JSON cannot carry (NaN, infinity, a non-string object key,
-    a lone surrogate). Raises ``ValueError`` for an unknown ``endpoint`` (a caller's bug).
+    endpoint takes, holds a value JSON cannot carry (NaN, infinity, a non-string object key,
+    a lone surrogate) or nests arrays and objects deeper than :data:`MAX_DEPTH`. Raises ``ValueError`` for an unknown ``endpoint`` (a caller's bug).
     """
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {ENDPOINTS}, not {endpoint!r}")
@@ -160,7 +165,7 @@ def canonical_request(endpoint: str, body: object) -> dict:
         try:
             if not name.isascii():
                 _check_unicode(name)
-            request[name] = _normalise(body[name])
+            request[name] = _normalise(body[name], 2)
         except _Invalid as exc:
             exc.path.append(name)
             raise BadRequest(exc.message, param=_param(exc.path)) from None
@@ -206,7 +211,8 @@ def _param(path: list[str | int]) -> str:
     return text
 
 
-def _normalise(value: object) -> object:
+def _normalise(value: object, depth: int) -> object:
+    # ``depth`` is the nesting depth ``value`` has if it is an array or an object.
     # Exact-type checks first: JSON parsers only ever produce these six types.
     kind = type(value)
     if kind is str:
@@ -214,9 +220,9 @@ def _normalise(value: object) -> object:
             _check_unicode(value)  # type: ignore[arg-type]
         return value
     if kind is dict:
-        return _normalise_object(value)  # type: ignore[arg-type]
+        return _normalise_object(value, depth)  # type: ignore[arg-type]
     if kind is list:
-        return _normalise_array(value)  # type: ignore[arg-type]
+        return _normalise_array(value, depth)  # type: ignore[arg-type]
     if kind is int:
         if _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]
             return value
@@ -225,7 +231,7 @@ def _normalise(value: object) -> object:
         return _normalise_float(value)  # type: ignore[arg-type]
     if value is None or kind is bool:
         return value
-    return _normalise_other(value)
+    return _normalise_other(value, depth)
 
 
 def _normalise_float(value: float) -> int | float:
@@ -238,7 +244,13 @@ def _normalise_float(value: float) -> int | float:
     raise _Invalid(f"{value} is not a JSON number; NaN and infinities are not allowed.")
 
 
-def _normalise_object(value: dict) -> dict:
+def _check_depth(depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise _Invalid(f"Arrays and objects may nest at most {MAX_DEPTH} deep in a request.")
+
+
+def _normalise_object(value: dict, depth: int) -> dict:
+    _check_depth(depth)
     try:
         keys = sorted(value)
     except TypeError:
@@ -252,38 +264,39 @@ def _normalise_object(value: dict) -> dict:
         if not key.isascii():
             _check_unicode(key)
         try:
-            out[key] = _normalise(value[key])
+            out[key] = _normalise(value[key], depth + 1)
         except _Invalid as exc:
             exc.path.append(key)
             raise
     return out
 
 
-def _normalise_array(value: list) -> list:
+def _normalise_array(value: list, depth: int) -> list:
+    _check_depth(depth)
     out = []
     for index, item in enumerate(value):
         try:
-            out.append(_normalise(item))
+            out.append(_normalise(item, depth + 1))
         except _Invalid as exc:
             exc.path.append(index)
             raise
     return out
 
 
-def _normalise_other(value: object) -> object:
+def _normalise_other(value: object, depth: int) -> object:
     # Python callers (the SDK) may hand in subclasses, other mappings or tuples.
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, str):
-        return _normalise(str(value))
+        return _normalise(str(value), depth)
     if isinstance(value, int):
-        return _normalise(int(value))
+        return _normalise(int(value), depth)
     if isinstance(value, float):
-        return _normalise(float(value))
+        return _normalise(float(value), depth)
     if isinstance(value, Mapping):
-        return _normalise_object(dict(value))
+        return _normalise_object(dict(value), depth)
     if isinstance(value, list | tuple):
-        return _normalise_array(list(value))
+        return _normalise_array(list(value), depth)
     raise _Invalid(f"A value of type {type(value).__name__} cannot appear in a JSON request.")
 
 

@@ -379,6 +379,23 @@ def test_extreme_integers_that_fit_are_accepted() -> None:
     assert key(chat(seed=2**64 - 1)) != key(chat(seed=-(2**63)))
 
 
+def nested(depth: int, container: type = list) -> dict:
+    """A chat body whose innermost array sits at ``depth`` (the body itself is depth 1)."""
+    value = container()
+    for _ in range(depth - 2):
+        value = container([value])
+    return chat(x=value)
+
+
+def test_nesting_is_bounded_by_max_depth_without_exhausting_the_stack() -> None:
+    assert keys.MAX_DEPTH == 64
+    assert key(nested(keys.MAX_DEPTH)) != key(nested(keys.MAX_DEPTH - 1))
+    for body in (nested(keys.MAX_DEPTH + 1), nested(5000), nested(keys.MAX_DEPTH + 1, tuple)):
+        with pytest.raises(BadRequest, match="nest at most 64 deep") as caught:
+            canonical_request("chat", body)
+        assert caught.value.status == 400 and caught.value.param == "x" + "[0]" * (keys.MAX_DEPTH - 1)
+
+
 def test_null_stream_and_n_are_accepted() -> None:
     assert canonical_request("chat", chat(stream=None, n=None))["n"] is None
     assert canonical_request("chat", chat(n=2.0))["n"] == 2
