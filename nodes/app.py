@@ -146,6 +146,11 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     match decide(req.cc, found, now):
         case Hit(entry) if entry.tags and state.fenced():
             fwd, result, detail = "miss", "miss", "; detail=fenced"   # tagged answers wait for the stream
+        case Hit(entry) if not req.tags <= entry.tags:
+            # The request names a dependency the stored answer does not carry: a purge of it would
+            # miss that answer. Fetch anew, and store the answer with both sets of tags.
+            fwd, result = "vary-miss", "miss"
+            req.tags = req.tags | entry.tags
         case Hit(entry):
             status = (f'edgecache-{region}; hit; detail={tier}; ttl={int(entry.expires_at() - now)}; '
                       f'key="{req.key.hex()}"')
@@ -166,7 +171,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         if query is not None:
             vector = await state.semantic.embed(query.text)
             semantic = None if vector is None else await state.semantic.lookup(
-                query, vector, req.tenant, lambda k: _fetch(state, k, now))
+                query, vector, req.tenant, lambda k: _fetch(state, k, now), tags=req.tags)
             if semantic is not None:
                 entry = semantic.entry
                 status = (f'edgecache-{region}; hit; detail="semantic {semantic.cosine:.3f}"; '
@@ -185,9 +190,10 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     if fill is not None:
         result = "collapsed"
         base += "; collapsed"
+        fill.join(req.tags, req.ttl)
     else:
         fill = _start_fill(state, request.path, req, query, vector, request[SPAN])
-    fill.join()
+        fill.join()
     request[CACHE_STATUS] = base
     try:
         return await answer_from_fill(request, fill, req.stream, req.include_usage, base)

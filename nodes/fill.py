@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -88,8 +88,14 @@ class Fill:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"fill-{self.req.key.hex()}")
 
-    def join(self) -> None:
+    def join(self, tags: frozenset[str] = frozenset(), ttl: float | None = None) -> None:
+        """One more waiter. Its ``tags`` go onto the stored answer too (a purge of any of them
+        must reach the answer it was served), and a shorter ``ttl`` wins."""
         self.waiters += 1
+        if not tags <= self.req.tags:
+            self.req = replace(self.req, tags=self.req.tags | tags)
+        if ttl is not None and ttl < self.req.ttl:
+            self.req = replace(self.req, ttl=ttl)
 
     def leave(self) -> None:
         """A waiter is gone; the last one to leave cancels an unfinished fill."""

@@ -85,8 +85,10 @@ class SemanticTier:
             return None
 
     async def lookup(self, query: SemanticQuery, vector: Any, tenant: str,
-                     fetch: Callable[[bytes], Awaitable[Entry | None]]) -> SemanticHit | None:
-        """The nearest stored answer, if the policy accepts it for ``query``.
+                     fetch: Callable[[bytes], Awaitable[Entry | None]],
+                     tags: frozenset[str] = frozenset()) -> SemanticHit | None:
+        """The nearest stored answer, if the policy accepts it for ``query`` and it carries every
+        one of the request's ``tags`` (else a purge of one of them would not reach it).
 
         Only the nearest live neighbour is judged: the policy's false-hit bound is calibrated
         per pair, and judging several candidates until one passes would multiply it. Further
@@ -104,6 +106,8 @@ class SemanticTier:
                     or entry.query is None):
                 gone.append(n.key)
                 continue
+            if not tags <= entry.tags:
+                break   # the nearest answer depends on less than this request: not served
             verdict = policy.judge(query.text, entry.query, n.score, vector, n.vector)
             if verdict.hit:
                 hit = SemanticHit(entry, verdict.cosine, verdict.score)

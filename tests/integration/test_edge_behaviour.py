@@ -176,6 +176,48 @@ async def test_a_stream_silent_for_longer_than_origin_timeout_is_cut_and_not_sto
     held.release.set()
 
 
+async def purge_and_wait(stack: Stack, tag: str) -> None:
+    async with aiohttp.ClientSession() as s, s.post(stack.origin_url + "/v1/purge?wait=true", json={"tags": [tag]},
+                                                    headers={"Authorization": "Bearer dev-admin-token"}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_an_answer_serves_a_request_only_if_it_carries_the_requests_tags(stack: Stack) -> None:
+    edge = stack.edges["us-east"]
+    await post(edge)                                               # stored without tags
+    status, headers, _ = await post(edge, headers={"Cache-Tag": "doc:42"})
+    assert status == 200 and "fwd=vary-miss" in headers["Cache-Status"] and "stored" in headers["Cache-Status"]
+    for tags in ({"Cache-Tag": "doc:42"}, {}):   # the new answer carries both: it serves both
+        _, headers, _ = await post(edge, headers=tags)
+        assert "; hit;" in headers["Cache-Status"]
+    await purge_and_wait(stack, "doc:42")
+    for tags in ({"Cache-Tag": "doc:42"}, {}):
+        status, headers, _ = await post(edge, headers={**tags, "Cache-Control": "only-if-cached"})
+        assert status == 504, headers["Cache-Status"]
+    assert await stack.origin_requests() == 2
+
+
+async def test_a_request_that_joins_a_fill_puts_its_tags_on_the_stored_answer(make_stack, serve_app) -> None:
+    sims = await make_stack(regions=(), sims=1)
+    gate = Gate(sims.sim_urls[0])
+    stack = await make_stack(sims=0, backends=(await serve_app(gate.app()),))
+    edge = stack.edges["us-east"]
+    first = asyncio.create_task(post(edge))
+    await until(lambda: _waiters(edge, 1))
+    second = asyncio.create_task(post(edge, headers={"Cache-Tag": "doc:7"}))
+    await until(lambda: _waiters(edge, 2))
+    gate.opened.set()
+    (_, _, one), (_, headers, two) = await asyncio.gather(first, second)
+    assert one == two and "collapsed" in headers["Cache-Status"]
+    await purge_and_wait(stack, "doc:7")
+    status, headers, _ = await post(edge, headers={"Cache-Control": "only-if-cached"})
+    assert status == 504, headers["Cache-Status"]
+
+
+async def _waiters(edge: str, n: int) -> bool:
+    return (await healthz(edge))["waiters"] == n
+
+
 async def test_cache_control_directives(stack: Stack) -> None:
     edge = stack.edges["us-east"]
     status, headers, _ = await post(edge, headers={"Cache-Control": "only-if-cached"})

@@ -254,3 +254,10 @@ async def test_a_policy_the_node_cannot_use_leaves_the_tier_unavailable_and_exac
     _, first = await ask(edge, chat("How do I reset my password?"))
     status, again = await ask(edge, chat("How do I reset my password?"))
     assert "; hit;" in status and again == first
+
+
+async def test_a_paraphrase_naming_a_tag_the_stored_answer_lacks_is_not_served_from_it(edge_stack: Stack) -> None:
+    edge = edge_stack.edges["us-east"]
+    await ask(edge, chat("How do I reset my password?"))
+    status, _ = await ask(edge, chat("How can I reset my password?"), **{"Cache-Tag": "doc:42"})
+    assert "semantic" not in status and "fwd=miss" in status   # a purge of doc:42 could not reach it
