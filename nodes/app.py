@@ -357,7 +357,8 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     app[NODE] = state
     state.prefixes = PrefixReplica(session, config.node_token, on_change=state.memo.clear)
     state.semantic, state.semantic_status = await open_semantic_tier(
-        config.semantic, config.data_dir, disk.keys, worker=app[WORKER], tenants=config.tenants)
+        config.semantic, config.data_dir, disk.keys, worker=app[WORKER], tenants=config.tenants,
+        held=lambda: len(state.memory) + len(disk), alive=lambda: _held_by(state))
     me = edge_id(config.region, config.instance or socket.gethostname(), app[WORKER])
     incarnation = secrets.token_hex(8)
     over_http = HttpSubscription(session, config.node_token, me, config.max_staleness_s, incarnation)
@@ -406,6 +407,12 @@ async def _publish_counts(state: NodeState, shared: SharedCounts, every_s: float
             await asyncio.to_thread(shared.publish, state.metrics.counts())
         except OSError:
             log.exception("could not publish this worker's metrics")
+
+
+def _held_by(state: NodeState) -> Callable[[bytes], bool]:
+    """Whether a key is held by either tier (the disk's keys read now: blocking)."""
+    on_disk = state.disk.keys()
+    return lambda key: key in on_disk or key in state.memory
 
 
 async def _sweep(state: NodeState, every_s: float = 60.0) -> None:

@@ -33,6 +33,8 @@ __all__ = ["EmbedderUnavailable", "PolicyUnavailable", "SemanticHit", "SemanticT
 
 log = logging.getLogger("edgecache.node.semantic")
 
+SLACK_VECTORS = 64   # the index may hold this many vectors beyond twice the tiers' entries
+
 
 class EmbedderUnavailable(RuntimeError):
     """The embedder backend the policy was calibrated on cannot run on this node."""
@@ -57,7 +59,9 @@ class SemanticTier:
     calibration or bound, ``[[tenants]]``); tenants in ``off`` (name -> why) never use the tier."""
 
     def __init__(self, config: SemanticConfig, batcher: Any, index: Any, policy: Any, embedder: str, *,
-                 tenant_policies: Mapping[str, Any] | None = None, off: Mapping[str, str] | None = None) -> None:
+                 tenant_policies: Mapping[str, Any] | None = None, off: Mapping[str, str] | None = None,
+                 held: Callable[[], int] | None = None,
+                 alive: Callable[[], Callable[[bytes], bool]] | None = None) -> None:
         self.config = config
         self.embedder = embedder
         self.batcher = batcher
@@ -65,6 +69,11 @@ class SemanticTier:
         self.policy = policy
         self.tenant_policies = dict(tenant_policies or {})
         self.off = dict(off or {})
+        # the entries the tiers hold, and a test of a key being one of them: vectors of evicted
+        # entries are dropped once the index outgrows the tiers (blocking: called in a worker thread)
+        self._held = held
+        self._alive = alive
+        self._held_count = 0   # the tiers' entries when last counted
         self.lookups = 0
         self.hits = 0
         self.overloaded = 0
@@ -127,6 +136,18 @@ class SemanticTier:
             if vector is None:
                 return
         await asyncio.to_thread(self.index.add, entry.semantic_scope, entry.key, vector)
+        if self._held is not None and self._alive is not None \
+                and len(self.index) > 2 * self._held_count + SLACK_VECTORS:
+            await asyncio.to_thread(self._drop_evicted)
+
+    def _drop_evicted(self) -> None:
+        """Drop the vectors whose entries both tiers evicted, once the index holds more than twice
+        the tiers' entries (so each pass at least halves it: O(1) amortised per answer)."""
+        assert self._held is not None and self._alive is not None
+        count = self._held_count = self._held()
+        if len(self.index) > 2 * count + SLACK_VECTORS:
+            dropped = self.index.reconcile(self._alive())
+            log.debug("semantic index: dropped %d vectors of evicted entries", dropped)
 
     async def forget(self, keys: list[bytes]) -> int:
         return await asyncio.to_thread(self.index.remove, keys) if keys else 0
@@ -157,8 +178,10 @@ class SemanticTier:
 
 
 async def open_semantic_tier(config: SemanticConfig, data_dir: str, live_keys: Callable[[], Collection[bytes]],
-                             *, worker: int = 0,
-                             tenants: Sequence[TenantConfig] = ()) -> tuple[SemanticTier | None, str]:
+                             *, worker: int = 0, tenants: Sequence[TenantConfig] = (),
+                             held: Callable[[], int] | None = None,
+                             alive: Callable[[], Callable[[bytes], bool]] | None = None,
+                             ) -> tuple[SemanticTier | None, str]:
     """Load the model, the policies and the saved vectors; (None, reason) when it cannot.
 
     Worker processes of one node share the disk tier but not memory: each keeps the vectors
@@ -183,7 +206,7 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str, live_keys: C
                             max_queue=config.max_queue)
     await batcher.start()
     return SemanticTier(config, batcher, index, policy, embedder.backend, tenant_policies=tenant_policies,
-                        off=off), "enabled"
+                        off=off, held=held, alive=alive), "enabled"
 
 
 def tenant_policies_for(config: SemanticConfig, node_policy: Any,

@@ -261,3 +261,21 @@ async def test_a_paraphrase_naming_a_tag_the_stored_answer_lacks_is_not_served_f
     await ask(edge, chat("How do I reset my password?"))
     status, _ = await ask(edge, chat("How can I reset my password?"), **{"Cache-Tag": "doc:42"})
     assert "semantic" not in status and "fwd=miss" in status   # a purge of doc:42 could not reach it
+
+
+async def test_vectors_of_entries_both_tiers_evicted_do_not_pile_up(make_stack) -> None:
+    import asyncio
+
+    from nodes.app import NODE
+    from nodes.semantic import SLACK_VECTORS
+
+    stack = await make_stack(node_overrides={**SEMANTIC, "memory_bytes": 4096, "disk_bytes": 0})
+    edge = stack.edges["us-east"]
+    state = stack.servers["us-east"].app[NODE]
+    for seed in range(160):   # each a scope of its own: no later search in it would meet the vector
+        await ask(edge, chat("How do I reset my password?", seed=seed))
+    while state.writes:
+        await asyncio.gather(*list(state.writes), return_exceptions=True)
+    held = len(state.memory) + await asyncio.to_thread(len, state.disk)
+    assert held < 160 - SLACK_VECTORS   # the tiers evicted most of them
+    assert len(state.semantic.index) <= 2 * held + SLACK_VECTORS
