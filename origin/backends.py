@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from edgecache.config import BackendConfig, OriginConfig
 from edgecache.errors import Overloaded, UpstreamTimeout, UpstreamUnavailable
@@ -69,6 +70,14 @@ class OriginOverloaded(Overloaded):
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as the logs and ``/health`` show it: a ``ClientResponseError``'s repr holds the
+    request's headers (the backend's key), so that one is named by its class and status only."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}(status={exc.status})"
+    return repr(exc)
 
 
 def _retry_after(value: str | None, default: int) -> int:
@@ -140,7 +149,8 @@ class Backend:
 
     @property
     def name(self) -> str:
-        return self.config.name or self.config.url
+        """The configured name, else the URL's ``scheme://host:port``: never its userinfo."""
+        return self.config.name or str(URL(self.config.url).origin())
 
     @property
     def failures(self) -> int:
@@ -265,7 +275,8 @@ class BackendPool:
 
     async def _send(self, backend: Backend, method: str, path: str, body: bytes | None,
                     headers: Mapping[str, str]) -> aiohttp.ClientResponse:
-        """One attempt; connection failures and timeouts become our errors and count."""
+        """One attempt; connection failures and timeouts become our errors and count.
+        Their messages reach clients: they never name the backend (the log does)."""
         backend.breaker.acquire(self._clock())
         try:
             async with asyncio.timeout(self._config.first_byte_timeout_s):
@@ -273,11 +284,12 @@ class BackendPool:
                                                    headers=self._headers(backend, headers))
         except TimeoutError:
             self._failed(backend, "no response headers in time")
-            raise UpstreamTimeout(f"backend {backend.name} sent no response headers in time") from None
+            log.warning("backend %s sent no response headers in time", backend.name)
+            raise UpstreamTimeout("a backend sent no response headers in time") from None
         except aiohttp.ClientError as exc:
-            self._failed(backend, repr(exc))
-            log.warning("backend %s failed before the first byte: %r", backend.name, exc)
-            raise UpstreamUnavailable(f"backend {backend.name} is unreachable") from None
+            self._failed(backend, _describe(exc))
+            log.warning("backend %s failed before the first byte: %s", backend.name, _describe(exc))
+            raise UpstreamUnavailable("a backend is unreachable") from None
 
     def _failed(self, backend: Backend, why: str) -> None:
         backend.breaker.failure(self._clock())
@@ -317,9 +329,9 @@ class BackendPool:
                 raise
             if resp.status in _FAILED and attempts > 1:
                 self._failed(backend, f"answered {resp.status}")
-                last = UpstreamUnavailable(f"backend {backend.name} answered {resp.status}")
+                last = UpstreamUnavailable(f"a backend answered {resp.status}")
             elif resp.status in _BUSY:
-                last = UpstreamUnavailable(f"backend {backend.name} answered {resp.status}")
+                last = UpstreamUnavailable(f"a backend answered {resp.status}")
                 busy = _retry_after(resp.headers.get("Retry-After"), self._config.retry_after_s)
             else:
                 if resp.status in _FAILED:
@@ -372,7 +384,7 @@ class BackendPool:
             status, _ = await self._get(backend, "/health")
             why = "" if status == 200 else f"/health answered {status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
-            why = f"/health failed: {exc!r}"
+            why = f"/health failed: {_describe(exc)}"
         if why:
             if backend.healthy:
                 log.warning("backend %s is down: %s", backend.name, why)
@@ -437,7 +449,7 @@ class BackendPool:
         out = []
         for b in self.backends:
             out.append({
-                "name": b.name, "url": b.config.url, "healthy": b.healthy,
+                "name": b.name, "url": str(URL(b.config.url).with_user(None)), "healthy": b.healthy,
                 "available": b.available(now), "circuit": b.breaker.state,
                 "failures": b.failures, "last_error": b.last_error,
                 "in_flight": b.in_flight, "requests": b.requests, "routed": dict(b.routed),

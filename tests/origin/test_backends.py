@@ -10,6 +10,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 from aioresponses import aioresponses
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from edgecache.config import BackendConfig, OriginConfig, SimConfig
 from edgecache.errors import UpstreamUnavailable
@@ -85,6 +87,27 @@ async def test_backend_api_key_is_sent_as_bearer(session) -> None:
         mock.post(A + PATH, payload={"ok": True}, callback=capture)
         await pool(session, keys={A: "sk-backend"}).open("POST", PATH, b"{}", {"Content-Type": "application/json"})
     assert seen["Authorization"] == "Bearer sk-backend"
+
+
+def test_a_backend_is_named_by_scheme_host_and_port_never_its_credentials() -> None:
+    assert Backend(BackendConfig(url="http://svc:hunter2@10.0.0.7:8000/llm")).name == "http://10.0.0.7:8000"
+    assert Backend(BackendConfig(url="http://svc:hunter2@10.0.0.7", name="gpu-1")).name == "gpu-1"
+
+
+async def test_client_facing_errors_health_and_logs_hold_no_backend_url_or_key(session, caplog) -> None:
+    key, url = "sk-backend-secret", "http://svc:hunter2@10.0.0.7:8000"
+    p = BackendPool((BackendConfig(url=url, api_key=key), BackendConfig(url=B)), OriginConfig(), session)
+    info = aiohttp.RequestInfo(URL(url + PATH), "POST", CIMultiDictProxy(CIMultiDict(
+        Authorization=f"Bearer {key}")))
+    with aioresponses() as mock:
+        mock.post(url + PATH, exception=aiohttp.TooManyRedirects(info, ()))
+        mock.post(B + PATH, exception=TimeoutError())
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await p.open("POST", PATH, b"{}", {})
+    public = [caught.value.message, orjson.dumps(p.snapshot()).decode(), caplog.text]
+    assert not [text for text in public if "hunter2" in text or key in text]
+    assert "10.0.0.7" not in caught.value.message and B not in caught.value.message
+    assert [b["url"] for b in p.snapshot()] == ["http://10.0.0.7:8000", B]
 
 
 # -- circuit breaker (pure, injected clock) --------------------------------------------------
