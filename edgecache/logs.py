@@ -109,7 +109,20 @@ class TextFormatter(logging.Formatter):
 
 
 def access_message(fields: dict[str, Any]) -> str:
-    """The human line of an access-log record (the JSON line carries every field)."""
-    return (f'{fields.get("method")} {fields.get("path")} {fields.get("status")} '
-            f'{fields.get("cache") or "-"} {fields.get("duration_ms")}ms '
-            f'request_id={fields.get("request_id")} trace_id={fields.get("trace_id")}')
+    """The human line of an access-log record (the JSON line carries every field).
+
+    Always one line: a value's control, separator and other non-printable characters, and its
+    backslashes, are written as Python escapes (a path's ``%0A`` decodes to a newline).
+    """
+    e = _escaped
+    return (f'{e(fields.get("method"))} {e(fields.get("path"))} {e(fields.get("status"))} '
+            f'{e(fields.get("cache") or "-")} {e(fields.get("duration_ms"))}ms '
+            f'request_id={e(fields.get("request_id"))} trace_id={e(fields.get("trace_id"))}')
+
+
+def _escaped(value: object) -> str:
+    """``value`` as text on one line, unambiguously: ``\\n`` in the output was a newline."""
+    text = str(value)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(ch if ch.isprintable() and ch != "\\" else ascii(ch)[1:-1] for ch in text)

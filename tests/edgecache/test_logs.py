@@ -109,6 +109,20 @@ def test_access_message_is_readable() -> None:
     assert access_message(fields) == "POST /v1/chat/completions 200 hit 0.42ms request_id=r trace_id=t"
 
 
+@pytest.mark.parametrize("path", ["/v1/purge\n2026-01-01 00:00:00,000 edgecache.access INFO POST /v1/purge 200",
+                                  "/a\rb", "/a\x1b[2Jb", "/a\u2028b", "/a\x85b", "/a\u202eb", "/a\x00b"])
+def test_an_access_line_is_one_line_whatever_the_path_holds(path: str) -> None:
+    fields = {"method": "POST", "path": path, "status": 401, "duration_ms": 1.0, "request_id": "r", "trace_id": "t"}
+    rec = record("%s", access_message(fields), name=ACCESS_LOGGER, level=logging.INFO, fields=fields)
+    text, as_json = TextFormatter().format(rec), JsonFormatter("origin").format(rec)
+    assert text.isprintable() and ascii(path)[1:-1] in text, text
+    assert "\n" not in as_json and "\r" not in as_json and orjson.loads(as_json)["path"] == path
+
+
+def test_an_escaped_path_cannot_pass_for_another() -> None:
+    assert access_message({"path": "/a\\nb"}) != access_message({"path": "/a\nb"})
+
+
 @pytest.fixture
 def root_logging():
     root = logging.getLogger()
