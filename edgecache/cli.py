@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from edgecache.config import Config, load_config
+from edgecache.config import AuthConfig, Config, load_config
 from edgecache.errors import ConfigError
 from edgecache.logs import ContextFilter, JsonFormatter, TextFormatter
 
@@ -105,11 +105,27 @@ def run_app(app_factory, host: str, port: int, *, reuse_port: bool = False, list
         runner.run(serve())
 
 
+def _warn_development_secrets(host: str, secrets: dict[str, str]) -> None:
+    """A service listening beyond loopback with a secret still at its development default is
+    reachable by anyone who read the README: say so, loudly, at every start."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return
+    defaults = AuthConfig()
+    left = [name for name, value in secrets.items() if value == getattr(defaults, name)]
+    if left:
+        logging.getLogger("edgecache").warning(
+            "listening on %s with the development default of %s: set %s", host, ", ".join(left),
+            ", ".join(f"EDGECACHE_{n.upper()}" for n in left))
+
+
 def _cmd_origin(args: argparse.Namespace) -> int:
     from origin.app import create_origin_app
 
     configure_logging("origin")
     config = _topology(args.topology)
+    _warn_development_secrets(config.origin.host, {"admin_token": config.auth.admin_token,
+                                                   "node_token": config.auth.node_token,
+                                                   "webhook_secret": config.auth.webhook_secret})
     if not config.all_backends():   # `config check` accepts it: a remote region's topology has none
         raise ConfigError(f"{config.source}: the origin needs an inference server: add [[backends]] "
                           "or simulated ones ([sim] count > 0)")
@@ -126,6 +142,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     node = config.edge(args.region)
     if args.port:
         node = replace(node, port=args.port)
+    _warn_development_secrets(node.host, {"node_token": node.node_token})
     if node.workers == 1:
         run_app(lambda: create_app(node), node.host, node.port)
         return 0

@@ -163,3 +163,20 @@ def test_calibrate_checks_a_policy_on_labeled_pairs(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr   # no false hit above any target on these pairs
     assert "1.000%" in run.stdout and "threshold" in run.stdout
+
+
+def test_a_service_beyond_loopback_on_development_secrets_says_so(tmp_path: Path) -> None:
+    origin, sim = free_ports(2)
+    topology = tmp_path / "open.toml"
+    topology.write_text(f'[origin]\nhost = "0.0.0.0"\nport = {origin}\n[sim]\ncount = 1\nbase_port = {sim}\n'
+                        '[[edges]]\nregion = "x"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "edgecache.cli", "origin", "--topology", str(topology)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()   # the first thing it says
+        assert "development default of admin_token, node_token, webhook_secret" in line
+        assert "EDGECACHE_ADMIN_TOKEN" in line
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)   # and closes the pipe
