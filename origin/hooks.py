@@ -30,10 +30,11 @@ WEBHOOK_SECRET = web.AppKey("webhook_secret", str)
 async def _cms(request: web.Request) -> web.Response:
     raw = await request.read()
     now = time.time()
-    msg_id = verify(request.app[WEBHOOK_SECRET], request.headers, raw, now)
+    # The log's source ids are namespaced: a webhook id never meets a purge's Idempotency-Key.
+    source_id = "webhook:" + verify(request.app[WEBHOOK_SECRET], request.headers, raw, now)
     wait = wait_param(request)
     feed = request.app[EVENTS]
-    earlier = await asyncio.to_thread(feed.log.find, msg_id)
+    earlier = await asyncio.to_thread(feed.log.find, source_id)
     if earlier is not None:
         return await acknowledge(request, earlier, new=False, wait=wait)
     try:
@@ -57,7 +58,7 @@ async def _cms(request: web.Request) -> web.Response:
         if await asyncio.to_thread(registry.delete, prefix_id) is not None:
             changes.append(PrefixChange(prefix_id, None))
     tags = change.tags | {prefix_tag(c.id) for c in changes if c.version is None}   # see admin._announce
-    stored, new = await feed.append(Event(seq=0, created=now, source_id=msg_id, tags=tags, prefixes=tuple(changes),
+    stored, new = await feed.append(Event(seq=0, created=now, source_id=source_id, tags=tags, prefixes=tuple(changes),
                                           extra={"cms": change.source}))
     warm = request.app.get(WARMER)
     if warm is not None:

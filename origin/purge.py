@@ -194,8 +194,9 @@ async def _purge(request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
-    source_id = request.headers.get("Idempotency-Key") or f"purge-{uuid.uuid4().hex}"
-    if len(source_id) > 200:
+    key = request.headers.get("Idempotency-Key")
+    source_id = f"purge:{key}" if key else f"purge-{uuid.uuid4().hex}"   # never a webhook's id
+    if key and len(key) > 200:
         raise BadRequest("Idempotency-Key is longer than 200 characters", param="Idempotency-Key")
     if not source_id.isascii():
         try:

@@ -55,6 +55,7 @@ async def test_a_replayed_delivery_is_acknowledged_with_its_sequence_and_not_app
     _, other = await deliver(stack, {"tags": ["doc:2"]}, msg_id="msg_b")
     status, again = await deliver(stack, {"tags": ["doc:1"]}, msg_id="msg_a")
     assert status == 200 and again["seq"] == first["seq"] and not again["new"]
+    assert again["event"]["source_id"] == "webhook:msg_a"   # never a purge's Idempotency-Key
     assert await last_seq(stack) == other["seq"] == 2
 
 

@@ -62,6 +62,7 @@ async def test_a_retried_purge_is_recorded_once(three: Stack) -> None:
     first = await purge(three, {"tags": ["doc:1"]}, {"Idempotency-Key": "cms-delivery-7"})
     again = await purge(three, {"tags": ["doc:1"]}, {"Idempotency-Key": "cms-delivery-7"})
     assert first[1]["seq"] == again[1]["seq"] and first[1]["new"] and not again[1]["new"]
+    assert again[1]["event"]["source_id"] == "purge:cms-delivery-7"   # never a webhook's id
 
 
 @pytest.mark.parametrize("body", [{}, {"tags": []}, {"tags": ["bad tag"]}, {"keys": ["xyz"]},
