@@ -48,12 +48,19 @@ class NodeState:
     semantic: SemanticTier | None = None
     semantic_status: str = "disabled"
 
-    def tenant_for(self, authorization: str | None) -> str:
+    def tenant_for(self, authorization: str | None, api_key: str | None = None) -> str:
+        """The tenant of a request's key: ``Authorization: Bearer <key>``, else an Azure-style
+        ``api-key: <key>`` header (``api_key``). Any other Authorization (Basic, a bare key) is a
+        401: taken for no key at all, it would share the anonymous tenant with every other one.
+        No key is the anonymous tenant without ``[[tenants]]``, a 401 with them."""
         token = None
-        if authorization:
-            scheme, _, value = authorization.partition(" ")
-            if scheme.lower() == "bearer" and value.strip():
-                token = value.strip()
+        if authorization and authorization.strip():
+            scheme, _, value = authorization.strip().partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise Unauthorized("Unsupported Authorization header: send 'Authorization: Bearer <key>'")
+            token = value.strip()
+        elif api_key and api_key.strip():
+            token = api_key.strip()
         if token is not None and not token.isascii():
             try:
                 token.encode()

@@ -325,15 +325,17 @@ async def test_cache_status_carries_nothing_a_client_sent(stack: Stack) -> None:
     assert status == 400 and headers["Cache-Status"] == "edgecache-us-east; fwd=bypass; detail=rejected"
 
 
-@finding(
-    "nodes/state.py NodeState.tenant_for: any Authorization that is not 'Bearer <key>' (Basic, a bare "
-    "key, an Azure-style api-key header) is the shared 'anonymous' tenant, so two users' answers mix")
 async def test_credentials_other_than_a_bearer_key_never_share_a_tenant(stack: Stack) -> None:
+    """An Authorization that is not 'Bearer <key>' is refused, never taken for the anonymous
+    tenant, where every such user's answers would mix."""
     edge = stack.edges["us-east"]
-    status, _, _ = await ask(edge, CHAT, None, Authorization="Basic YWxpY2U6czNjcmV0")   # alice:s3cret
-    precondition(status == 200)
-    status, headers, _ = await ask(edge, CHAT, None, Authorization="Basic Ym9iOmh1bnRlcjI=")   # bob:hunter2
-    assert not (status == 200 and "; hit;" in headers["Cache-Status"]), headers["Cache-Status"]
+    # alice:s3cret, bob:hunter2, a bare key
+    for authorization in ("Basic YWxpY2U6czNjcmV0", "Basic Ym9iOmh1bnRlcjI=", "sk-alice"):
+        status, headers, body = await ask(edge, CHAT, None, Authorization=authorization)
+        assert status == 401, headers["Cache-Status"]
+        assert "Authorization: Bearer <key>" in orjson.loads(body)["error"]["message"]
+    status, headers, _ = await ask(edge, CHAT, None)   # no credentials: the anonymous tenant, nothing stored there
+    assert status == 200 and "fwd=miss" in headers["Cache-Status"], headers["Cache-Status"]
 
 
 # -- webhooks and the event log -----------------------------------------------------------
