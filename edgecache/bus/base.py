@@ -35,7 +35,10 @@ def sign(secret: str, payload: bytes) -> str:
 
 
 def signed_by(secret: str, payload: bytes, signature: str | None) -> bool:
-    return signature is not None and hmac.compare_digest(sign(secret, payload), signature)
+    """Whether ``signature`` is ``sign(secret, payload)``. Anything else is False, never an error:
+    a signature that is not ASCII (``hmac.compare_digest`` raises TypeError on one) is wrong too."""
+    return (isinstance(signature, str) and signature.isascii()
+            and hmac.compare_digest(sign(secret, payload), signature))
 
 
 class BusError(Exception):
