@@ -129,7 +129,8 @@ class SimConfig:
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     """An OpenAI-compatible inference server. url: base URL without ``/v1``.
-    api_key: bearer key sent to it (optional). name: label in metrics (defaults to the URL)."""
+    api_key: bearer key sent to it (optional). name: label in metrics, logs and ``/health``
+    (defaults to the URL's scheme://host:port, never its credentials)."""
 
     url: str
     api_key: str | None = None

@@ -102,7 +102,7 @@ def _scope(tenant: str, prefix: PrefixInfo | None) -> Scope:
 
 async def _read_request(request: web.Request, state: NodeState) -> _Request:
     endpoint = ENDPOINTS[request.path]
-    tenant = state.tenant_for(request.headers.get("Authorization"))
+    tenant = state.tenant_for(request.headers.get("Authorization"), request.headers.get("api-key"))
     raw = await request.read()
     memo_key = (endpoint, tenant, raw)
     memo = state.memo.get(memo_key)
@@ -301,7 +301,8 @@ def _parse(raw: bytes) -> dict[str, Any]:
 
 async def _models(request: web.Request) -> web.Response:
     state = request.app[NODE]
-    state.tenant_for(request.headers.get("Authorization"))   # with [[tenants]]: a known key, as for completions
+    # with [[tenants]]: a known key, as for completions
+    state.tenant_for(request.headers.get("Authorization"), request.headers.get("api-key"))
     try:
         async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}",
                                                             **request[SPAN].response_headers()},

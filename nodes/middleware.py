@@ -86,7 +86,8 @@ def _log_access(request: web.Request, resp: web.StreamResponse, span: Span, star
     tenant = None
     if completion:
         try:
-            tenant = request.app[NODE].tenant_for(request.headers.get("Authorization"))
+            tenant = request.app[NODE].tenant_for(request.headers.get("Authorization"),
+                                                  request.headers.get("api-key"))
         except (EdgeCacheError, UnicodeError):
             pass   # a key no tenant lists, or not even UTF-8: never logged (and the answer stands)
     fields = {"request_id": span.request_id, "trace_id": span.trace_id, "span_id": span.span_id,

@@ -92,7 +92,7 @@ class NodeState:
     def _written(self, task: asyncio.Task[None]) -> None:
         self.writes.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("disk tier write failed: %r", task.exception())
+            log.error("background task %s failed: %r", task.get_name(), task.exception())
 
     async def purge_tags(self, tags: frozenset[str], *, soft: bool = False) -> int:
         """Purge every entry carrying one of ``tags`` from every tier and the semantic index.

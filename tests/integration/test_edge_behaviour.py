@@ -96,6 +96,16 @@ async def test_listed_tenants_require_a_known_key(make_stack) -> None:
             assert resp.status == 200 and (await resp.json())["data"]
 
 
+async def test_an_azure_style_api_key_header_is_the_same_tenant_as_its_bearer_key(make_stack) -> None:
+    stack = await make_stack(tenants=(TenantConfig("acme", ("sk-acme-1",)),))
+    edge = stack.edges["us-east"]
+    await post(edge, headers={"Authorization": "Bearer sk-acme-1"})
+    status, headers, _ = await post(edge, headers={"Authorization": "", "api-key": "sk-acme-1"})
+    assert status == 200 and "; hit;" in headers["Cache-Status"]
+    status, _, _ = await post(edge, headers={"Authorization": "", "api-key": "sk-nobody"})
+    assert status == 401
+
+
 async def test_upstream_errors_pass_through_and_are_not_stored(make_stack, serve_app) -> None:
     failing = Failing(400)
     stack = await make_stack(sims=0, backends=(await serve_app(failing.app()),))
