@@ -28,6 +28,7 @@ from edgecache.config import NodeConfig
 from edgecache.entry import Entry
 from edgecache.errors import (
     BadRequest,
+    EdgeCacheError,
     NotCached,
     UnknownPrefix,
     UpstreamUnavailable,
@@ -55,7 +56,7 @@ from nodes.fill import Fill, FillRequest
 from nodes.metrics import NodeMetrics, SharedCounts
 from nodes.middleware import error_middleware
 from nodes.prefixes import PrefixInfo, PrefixReplica
-from nodes.replay import answer_from_fill, replay
+from nodes.replay import PrefixMoved, answer_from_fill, replay
 from nodes.semantic import open_semantic_tier
 from nodes.state import NodeState
 
@@ -136,6 +137,19 @@ async def _read_request(request: web.Request, state: NodeState) -> _Request:
 
 async def _completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
+    try:
+        return await _complete(request, started, retry_prefix=True)
+    except PrefixMoved:
+        # The prefix changed at the origin before this edge heard of it: catch up, and ask again
+        # keyed with the current version (once; a second mismatch is passed to the client).
+        try:
+            await request.app[NODE].prefixes.refresh()
+        except (EdgeCacheError, aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            log.warning("prefix registry refresh failed: %s", exc)
+        return await _complete(request, started, retry_prefix=False)
+
+
+async def _complete(request: web.Request, started: float, *, retry_prefix: bool) -> web.StreamResponse:
     state = request.app[NODE]
     req = await _read_request(request, state)
     region = state.config.region
@@ -195,11 +209,17 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         fill = _start_fill(state, request.path, req, query, vector, request[SPAN])
         fill.join()
     request[CACHE_STATUS] = base
+    counted = True
     try:
-        return await answer_from_fill(request, fill, req.stream, req.include_usage, base)
+        return await answer_from_fill(request, fill, req.stream, req.include_usage, base,
+                                      retry_prefix=retry_prefix)
+    except PrefixMoved:
+        counted = False   # the retry answers, and counts
+        raise
     finally:
         fill.leave()
-        state.metrics.observe(req.endpoint, result, time.perf_counter() - started)
+        if counted:
+            state.metrics.observe(req.endpoint, result, time.perf_counter() - started)
 
 
 async def _exact_lookup(state: NodeState, req: _Request, now: float) -> tuple[Entry | None, str]:

@@ -15,14 +15,23 @@ from edgecache.stream import DONE, frame, synthesize_chunks, usage_chunk
 from nodes.appkeys import JSON, NODE, SPAN, SSE
 from nodes.fill import Fill
 
-__all__ = ["answer_from_fill", "fan_out", "frames", "replay"]
+__all__ = ["PrefixMoved", "answer_from_fill", "fan_out", "frames", "replay"]
+
+
+class PrefixMoved(Exception):
+    """The origin holds a newer version of the request's prefix than this edge keyed it with."""
 
 
 async def answer_from_fill(request: web.Request, fill: Fill, stream: bool, include_usage: bool,
-                            base: str) -> web.StreamResponse:
+                            base: str, *, retry_prefix: bool = False) -> web.StreamResponse:
+    """The fill's answer for one waiter. ``retry_prefix``: raise ``PrefixMoved`` on the origin's
+    ``prefix_version_mismatch`` (the caller refreshes its replica and asks again) instead of
+    passing the 400 on."""
     reply = await fill.wait_started()
     if reply is not None:   # the origin's error, passed through, never stored
         if reply.status == 400 and b"prefix_version_mismatch" in reply.body:
+            if retry_prefix:
+                raise PrefixMoved
             request.app[NODE].background(request.app[NODE].prefixes.refresh())
         resp = web.Response(status=reply.status, body=reply.body)
         resp.headers["Content-Type"] = reply.content_type

@@ -142,6 +142,35 @@ async def test_updated_prefix_never_serves_the_answer_built_on_the_old_text(make
     assert status == 200 and new["choices"][0]["message"]["content"] != old["choices"][0]["message"]["content"]
 
 
+async def test_an_edge_that_has_not_heard_of_a_prefix_update_yet_still_answers_with_the_new_text(
+        make_stack) -> None:
+    stack = await make_stack(node_overrides={"prefix_refresh_s": 3600.0})   # only the stream refreshes
+    edge = stack.edges["us-east"]
+    auth = {"Authorization": "Bearer k"}
+    await put_prefix(stack, "returns", POLICY)
+    status, _ = await call("POST", edge + "/v1/chat/completions",
+                           {"model": "sim-llm", "messages": QUESTION, "prefix": "returns"}, auth)
+    assert status == 200
+    state = stack.servers["us-east"].app[NODE]
+    stale = state.prefixes.prefixes["returns"]
+    new_text = "A completely different policy."
+    await put_prefix(stack, "returns", new_text)
+    async with asyncio.timeout(10):   # the edge hears of it; then, as if it had not yet:
+        while state.prefixes.prefixes["returns"].version != prefix_version(new_text):
+            await state.events.progress.wait()
+    state.prefixes.apply(stale)
+    other = [{"role": "user", "content": "Can I return shoes I wore once?"}]   # not cached under either version
+    async with aiohttp.ClientSession() as s, s.post(edge + "/v1/chat/completions", headers=auth, json={
+            "model": "sim-llm", "messages": other, "prefix": "returns"}) as r:
+        # not the origin's 400 prefix_version_mismatch: the edge caught up and asked again
+        assert r.status == 200, await r.text()
+        cache_status = r.headers["Cache-Status"]
+    assert state.prefixes.prefixes["returns"].version == prefix_version(new_text)
+    key = cache_key(prefixed_request("returns", model="sim-llm", messages=other), api_key="k",
+                    prefix_version=prefix_version(new_text))
+    assert f'key="{key}"' in cache_status and "stored" in cache_status   # keyed and stored under the new version
+
+
 async def test_origin_refuses_to_expand_a_prefix_under_a_stale_version(stack: Stack) -> None:
     await put_prefix(stack, "returns", POLICY)
     await put_prefix(stack, "returns", "A completely different policy.")
