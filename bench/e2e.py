@@ -140,12 +140,8 @@ class Trace:
     prefixes: list[str] = field(default_factory=list)    # per tenant
 
 
-def _fold(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
 def _intents(s: Scenario, rng: random.Random) -> list[Intent]:
-    from bench.qqp import load_pairs
+    from bench.qqp import fold, load_pairs
 
     pairs = [p for p in load_pairs(splits=["test"]) if 12 <= len(p.a) <= 160 and 12 <= len(p.b) <= 160]
     rng.shuffle(pairs)
@@ -153,7 +149,7 @@ def _intents(s: Scenario, rng: random.Random) -> list[Intent]:
     wordings: list[tuple[str, ...]] = []
     dups = traps = 0
     for p in pairs:
-        if _fold(p.a) in seen or _fold(p.b) in seen or _fold(p.a) == _fold(p.b):
+        if fold(p.a) in seen or fold(p.b) in seen or fold(p.a) == fold(p.b):
             continue
         if p.label == 1 and dups < s.dup_intents:
             wordings.append((p.a, p.b))
@@ -163,7 +159,7 @@ def _intents(s: Scenario, rng: random.Random) -> list[Intent]:
             traps += 1
         else:
             continue
-        seen.update((_fold(p.a), _fold(p.b)))
+        seen.update((fold(p.a), fold(p.b)))
         if dups >= s.dup_intents and traps >= s.trap_pairs:
             break
     rng.shuffle(wordings)    # popularity ranks mix both kinds

@@ -37,8 +37,10 @@ __all__ = [
     "Pair",
     "build_pairs",
     "default_embedder",
+    "fold",
     "load_pairs",
     "main",
+    "question_groups",
     "sample_pairs",
 ]
 
@@ -60,7 +62,8 @@ class Pair:
     split: str
 
 
-def _fold(text: str) -> str:
+def fold(text: str) -> str:
+    """A question's text with case and runs of whitespace folded."""
     return " ".join(text.casefold().split())
 
 
@@ -81,25 +84,46 @@ def build_pairs(source: Path = SOURCE) -> list[Pair]:
         member = tf.extractfile(tf.getmembers()[0])
         assert member is not None
         raw = json.load(member)
-    parent: dict[str, str] = {}
+    find = question_groups((r["text_a"], r["text_b"]) for r in raw)
+    members: dict[str, list[str]] = {}
+    for node in find.nodes():
+        members.setdefault(find(node), []).append(node)
+    split_of_root = {root: _split_of(min(nodes)) for root, nodes in members.items()}
+    return [Pair(r["text_a"], r["text_b"], int(r["label"]), split_of_root[find(fold(r["text_a"]))])
+            for r in raw]
 
-    def find(x: str) -> str:
+
+class _Groups:
+    """Union-find over folded question texts: ``groups(folded)`` is the group's root."""
+
+    def __init__(self) -> None:
+        self._parent: dict[str, str] = {}
+
+    def __call__(self, x: str) -> str:
+        parent = self._parent
         parent.setdefault(x, x)
         while parent[x] != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
 
-    for row in raw:      # folded texts are the nodes, so case/space variants share a group
-        ra, rb = find(_fold(row["text_a"])), find(_fold(row["text_b"]))
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self(a), self(b)
         if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    members: dict[str, list[str]] = {}
-    for node in list(parent):
-        members.setdefault(find(node), []).append(node)
-    split_of_root = {root: _split_of(min(nodes)) for root, nodes in members.items()}
-    return [Pair(r["text_a"], r["text_b"], int(r["label"]), split_of_root[find(_fold(r["text_a"]))])
-            for r in raw]
+            self._parent[max(ra, rb)] = min(ra, rb)
+
+    def nodes(self) -> list[str]:
+        return list(self._parent)
+
+
+def question_groups(pairs: Iterable[tuple[str, str]]) -> _Groups:
+    """Questions joined when they appear in one pair or are equal after case and space folding:
+    call the result on a folded text (``fold``) for its group's root."""
+    groups = _Groups()
+    for a, b in pairs:   # folded texts are the nodes, so case/space variants share a group
+        groups.union(fold(a), fold(b))
+    return groups
+
 
 
 def write_pairs(pairs: Iterable[Pair], path: Path = DATA) -> None:

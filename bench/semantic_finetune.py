@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.qqp import Pair, load_pairs, sample_pairs
+from bench.qqp import Pair, fold, load_pairs, question_groups, sample_pairs
 from bench.report import finish
 
 __all__ = ["hit_rates", "main"]
@@ -82,26 +82,13 @@ def verifier_rates(pairs: Sequence[Pair], vectors: _Vectors, log: Any) -> dict[s
 
     from bench.semantic_train import PairSet, fit_mlp, scores_of, tpr_at
 
-    folded = [" ".join(p.a.casefold().split()) for p in pairs]
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for p, a in zip(pairs, folded, strict=True):
-        ra, rb = find(a), find(" ".join(p.b.casefold().split()))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    fold = np.array([zlib.crc32(find(a).encode()) % 2 for a in folded])
+    group = question_groups((p.a, p.b) for p in pairs)
+    half = np.array([zlib.crc32(group(fold(p.a)).encode()) % 2 for p in pairs])
     whole = PairSet(pairs, vectors)
     scores = np.full(len(pairs), -np.inf)
     for k in (0, 1):
-        model = fit_mlp(whole.subset(fold != k), log=log)
-        scores[fold == k] = scores_of(model, whole.subset(fold == k), 0.65)
+        model = fit_mlp(whole.subset(half != k), log=log)
+        scores[half == k] = scores_of(model, whole.subset(half == k), 0.65)
     guarded = np.where([r is None for r in whole.refusal], whole.cos, -np.inf)
     return {f"{b:g}": {"verifier": tpr_at(scores, whole.labels, b), "guards_cosine": tpr_at(guarded, whole.labels, b)}
             for b in BOUNDS}
