@@ -327,6 +327,9 @@ async def _models(request: web.Request) -> web.Response:
         async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}",
                                                             **request[SPAN].response_headers()},
                                      timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status in (401, 403):   # the origin refused this edge, not the client
+                log.error("the origin refused this edge's node token (%d): check EDGECACHE_NODE_TOKEN", resp.status)
+                raise UpstreamUnavailable("the origin refused this edge")
             return web.Response(status=resp.status, body=await resp.read(), content_type=JSON)
     except (aiohttp.ClientError, TimeoutError):
         raise UpstreamUnavailable("the origin is unreachable") from None

@@ -9,6 +9,7 @@ waiter leaves, and only a complete, successful answer becomes an ``Entry``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -20,6 +21,8 @@ import orjson
 from edgecache.entry import Entry, Usage
 from edgecache.errors import EdgeCacheError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from edgecache.stream import SSEParser, assemble, is_usage_chunk
+
+log = logging.getLogger("edgecache.node.fill")
 
 __all__ = ["Fill", "FillRequest", "UpstreamReply"]
 
@@ -172,6 +175,9 @@ class Fill:
             body.pop("stream_options", None)
         async with self._session.post(req.path, data=orjson.dumps(body), headers=req.headers) as resp:
             self._heard()
+            if resp.status in (401, 403):   # the origin refused this edge, not the client: never pass it on
+                log.error("the origin refused this edge's node token (%d): check EDGECACHE_NODE_TOKEN", resp.status)
+                raise UpstreamUnavailable("the origin refused this edge")
             if resp.status != 200:
                 self._begin(UpstreamReply(resp.status, await resp.read(),
                                           resp.headers.get("Content-Type", "application/json"),

@@ -123,6 +123,16 @@ async def test_every_backend_down_is_a_502_with_an_error_body(make_stack, serve_
     assert status == 502 and b'"error"' in body and b"upstream" in body
 
 
+async def test_an_edge_the_origin_refuses_answers_502_not_the_origins_401(make_stack) -> None:
+    stack = await make_stack(node_overrides={"node_token": "not-the-node-token"})
+    edge = stack.edges["us-east"]
+    status, headers, body = await post(edge)
+    assert status == 502 and orjson.loads(body)["error"]["code"] == "upstream_unavailable"   # the client's key is fine
+    assert "stored" not in headers["Cache-Status"]
+    async with aiohttp.ClientSession() as s, s.get(edge + "/v1/models", headers=AUTH) as r:
+        assert r.status == 502
+
+
 async def test_origin_unreachable_is_a_502(make_stack) -> None:
     stack = await make_stack(node_overrides={"origin_url": "http://127.0.0.1:9"})
     status, _, body = await post(stack.edges["us-east"])
