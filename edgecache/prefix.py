@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 MAX_PREFIX_TAGS = 32
+MAX_PREFIX_TENANTS = 1000
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -41,10 +42,15 @@ class Prefix:
     version: str                 # 32 hex digits: XXH3-128 of the UTF-8 text
     tags: frozenset[str] = frozenset()
     updated: float = 0.0         # epoch seconds of the last change
+    tenants: frozenset[str] = frozenset()   # who may reference it (empty: every tenant)
 
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "version": self.version, "tags": sorted(self.tags),
-                "bytes": len(self.text.encode()), "updated": self.updated}
+                "bytes": len(self.text.encode()), "updated": self.updated, "tenants": sorted(self.tenants)}
+
+    def allows(self, tenant: str | None) -> bool:
+        """Whether ``tenant`` may reference this prefix (every tenant when ``tenants`` is empty)."""
+        return not self.tenants or tenant in self.tenants
 
 
 def prefix_version(text: str) -> str:
@@ -68,9 +74,10 @@ def make_prefix(body: object, *, max_bytes: int, now: float) -> Prefix:
     """Validate an admin ``{"id", "text", "tags"}`` body into a ``Prefix``."""
     if not isinstance(body, Mapping):
         raise BadRequest("The body must be a JSON object with 'id' and 'text'")
-    unknown = set(body) - {"id", "text", "tags"}
+    unknown = set(body) - {"id", "text", "tags", "tenants"}
     if unknown:
-        raise BadRequest(f"Unknown field(s) {sorted(unknown)}; expected 'id', 'text' and 'tags'", param=min(unknown))
+        raise BadRequest(f"Unknown field(s) {sorted(unknown)}; expected 'id', 'text', 'tags' and 'tenants'",
+                         param=min(unknown))
     prefix_id = validate_prefix_id(body.get("id"))
     text = body.get("text")
     if not isinstance(text, str) or not text:
@@ -83,7 +90,13 @@ def make_prefix(body: object, *, max_bytes: int, now: float) -> Prefix:
     if not isinstance(raw_tags, list) or len(raw_tags) > MAX_PREFIX_TAGS:
         raise BadRequest(f"'tags' must be a list of at most {MAX_PREFIX_TAGS} tags", param="tags")
     tags = frozenset(validate_tag(t) for t in raw_tags)
-    return Prefix(id=prefix_id, text=text, version=prefix_version(text), tags=tags, updated=now)
+    raw_tenants = body.get("tenants", [])
+    if not isinstance(raw_tenants, list) or len(raw_tenants) > MAX_PREFIX_TENANTS or not all(
+            isinstance(t, str) and 0 < len(t) <= 200 and t.isprintable() and " " not in t for t in raw_tenants):
+        raise BadRequest(f"'tenants' must be a list of at most {MAX_PREFIX_TENANTS} tenant names (1-200 printable "
+                         "characters, no spaces)", param="tenants")
+    return Prefix(id=prefix_id, text=text, version=prefix_version(text), tags=tags, updated=now,
+                  tenants=frozenset(raw_tenants))
 
 
 def prefix_reference(body: Mapping[str, Any], endpoint: str) -> str | None:

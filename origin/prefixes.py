@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS prefixes (
     text TEXT NOT NULL,
     version TEXT NOT NULL,
     tags TEXT NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    tenants TEXT NOT NULL DEFAULT ''
 )
 """
 
@@ -41,10 +42,14 @@ class PrefixRegistry:
                                        isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(_SCHEMA)
-            for row in self._db.execute("SELECT id, text, version, tags, updated FROM prefixes"):
-                pid, text, version, tags, updated = row
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(prefixes)")}
+            if "tenants" not in columns:   # a registry written before prefixes had tenant lists
+                self._db.execute("ALTER TABLE prefixes ADD COLUMN tenants TEXT NOT NULL DEFAULT ''")
+            for row in self._db.execute("SELECT id, text, version, tags, updated, tenants FROM prefixes"):
+                pid, text, version, tags, updated, tenants = row
                 self._prefixes[pid] = Prefix(id=pid, text=text, version=version,
-                                             tags=frozenset(t for t in tags.split(" ") if t), updated=updated)
+                                             tags=frozenset(t for t in tags.split(" ") if t), updated=updated,
+                                             tenants=frozenset(t for t in tenants.split(" ") if t))
 
     @property
     def current(self) -> Mapping[str, Prefix]:
@@ -55,17 +60,19 @@ class PrefixRegistry:
         return self._prefixes.get(prefix_id)
 
     def put(self, prefix: Prefix) -> bool:
-        """Create or update; True when the text or tags changed (a new version to announce)."""
+        """Create or update; True when the text, tags or tenants changed (a change to announce)."""
         with self._lock:
             old = self._prefixes.get(prefix.id)
-            if old is not None and old.version == prefix.version and old.tags == prefix.tags:
+            if old is not None and old.version == prefix.version and old.tags == prefix.tags \
+                    and old.tenants == prefix.tenants:
                 return False
             if self._db is not None:
                 self._db.execute(
-                    "INSERT INTO prefixes (id, text, version, tags, updated) VALUES (?, ?, ?, ?, ?) "
+                    "INSERT INTO prefixes (id, text, version, tags, updated, tenants) VALUES (?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET text=excluded.text, version=excluded.version, "
-                    "tags=excluded.tags, updated=excluded.updated",
-                    (prefix.id, prefix.text, prefix.version, " ".join(sorted(prefix.tags)), prefix.updated))
+                    "tags=excluded.tags, updated=excluded.updated, tenants=excluded.tenants",
+                    (prefix.id, prefix.text, prefix.version, " ".join(sorted(prefix.tags)), prefix.updated,
+                     " ".join(sorted(prefix.tenants))))
             self._prefixes = {**self._prefixes, prefix.id: prefix}
             return True
 

@@ -171,6 +171,34 @@ async def test_an_edge_that_has_not_heard_of_a_prefix_update_yet_still_answers_w
     assert f'key="{key}"' in cache_status and "stored" in cache_status   # keyed and stored under the new version
 
 
+async def test_a_prefix_listing_tenants_serves_only_them(make_stack) -> None:
+    from edgecache.config import TenantConfig
+
+    stack = await make_stack(tenants=(TenantConfig("acme", ("sk-acme",)), TenantConfig("globex", ("sk-globex",))))
+    status, created = await call("POST", stack.origin_url + "/v1/prefixes",
+                                 {"id": "acme-rules", "text": POLICY, "tenants": ["acme"]})
+    assert status == 201 and created["tenants"] == ["acme"]
+    await put_prefix(stack, "faq", "Questions everyone may ask about.")
+    edge = stack.edges["us-east"]
+
+    async def ask(key: str, prefix: str) -> tuple[int, dict]:
+        return await call("POST", edge + "/v1/chat/completions", {"model": "sim-llm", "messages": QUESTION,
+                                                                   "prefix": prefix},
+                          {"Authorization": f"Bearer {key}"})
+
+    status, _ = await ask("sk-acme", "acme-rules")
+    assert status == 200
+    before = await stack.origin_requests()
+    status, refused = await ask("sk-globex", "acme-rules")
+    _, unknown = await ask("sk-globex", "no-such-prefix")
+    assert status == 400 and refused["error"]["code"] == "prefix_not_found"
+    assert refused["error"]["message"] == unknown["error"]["message"].replace("no-such-prefix", "acme-rules")
+    status, _ = await ask("sk-globex", "acme-rules")   # refused again: nothing was stored for it
+    assert status == 400
+    assert (await ask("sk-globex", "faq"))[0] == 200 and (await ask("sk-acme", "faq"))[0] == 200
+    assert await stack.origin_requests() == before + 2   # the refusals were forwarded nowhere: only the two faq
+
+
 async def test_origin_refuses_to_expand_a_prefix_under_a_stale_version(stack: Stack) -> None:
     await put_prefix(stack, "returns", POLICY)
     await put_prefix(stack, "returns", "A completely different policy.")
