@@ -287,6 +287,8 @@ class NodeConfig:
     max_body_bytes: largest request body accepted (4 MiB).
     max_entry_bytes: largest answer that is stored (8 MiB).
     origin_timeout_s: longest wait for the origin's first byte or between stream chunks (120).
+    max_fills: origin requests in flight at once per worker (1024); a miss beyond it is a 429
+    ``edge_overloaded`` with ``Retry-After`` (joining an identical fill in flight is always allowed).
     workers: processes serving the port with SO_REUSEPORT (1).
     prefix_refresh_s: how often the replica of the prefix registry is refreshed (5).
     max_staleness_s: a node that has not heard from the invalidation stream for this long stops
@@ -306,6 +308,7 @@ class NodeConfig:
     max_body_bytes: int = 4 * MiB
     max_entry_bytes: int = 8 * MiB
     origin_timeout_s: float = 120.0
+    max_fills: int = 1024
     workers: int = 1
     prefix_refresh_s: float = 5.0
     max_staleness_s: float = 60.0

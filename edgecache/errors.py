@@ -8,6 +8,7 @@
     ├── NotFound                   404  not_found_error
     ├── PayloadTooLarge            413  invalid_request_error / payload_too_large
     ├── Overloaded                 429  rate_limit_error
+    │   └── EdgeOverloaded         429  rate_limit_error / edge_overloaded (with Retry-After)
     ├── NotCached                  504  cache_miss / only_if_cached
     └── UpstreamError              502  upstream_error
         ├── UpstreamUnavailable    502  (connection refused, reset, DNS, every backend down)
@@ -24,6 +25,7 @@ __all__ = [
     "BadRequest",
     "ConfigError",
     "EdgeCacheError",
+    "EdgeOverloaded",
     "Forbidden",
     "NotCached",
     "NotFound",
@@ -101,6 +103,13 @@ class Overloaded(EdgeCacheError):
     status = 429
     type = "rate_limit_error"
     code = "overloaded"
+
+
+class EdgeOverloaded(Overloaded):
+    """The edge holds as many origin requests in flight as it may (``max_fills``): retry shortly."""
+
+    code = "edge_overloaded"
+    retry_after_s = 1
 
 
 class NotCached(EdgeCacheError):

@@ -29,6 +29,7 @@ from edgecache.entry import Entry
 from edgecache.errors import (
     BadRequest,
     EdgeCacheError,
+    EdgeOverloaded,
     NotCached,
     UnknownPrefix,
     UpstreamUnavailable,
@@ -206,6 +207,10 @@ async def _complete(request: web.Request, started: float, *, retry_prefix: bool)
         base += "; collapsed"
         fill.join(req.tags, req.ttl)
     else:
+        if len(state.inflight) >= state.config.max_fills:
+            request[CACHE_STATUS] = f"{base}; detail=overloaded"
+            state.metrics.observe(req.endpoint, "error", time.perf_counter() - started)
+            raise EdgeOverloaded(f"this edge has {state.config.max_fills} origin requests in flight; retry shortly")
         fill = _start_fill(state, request.path, req, query, vector, request[SPAN])
         fill.join()
     request[CACHE_STATUS] = base

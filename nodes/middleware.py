@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
-from edgecache.errors import EdgeCacheError, error_body, http_error_body
+from edgecache.errors import EdgeCacheError, EdgeOverloaded, error_body, http_error_body
 from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
 from edgecache.trace import Span, start_span
 from nodes.appkeys import CACHE_STATUS, CONFIG, ENDPOINTS, JSON, NODE, SPAN
@@ -43,6 +43,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             resp = await handler(request)
         except EdgeCacheError as exc:
             resp = _error_response(request, exc.status, exc.body())
+            if isinstance(exc, EdgeOverloaded):
+                resp.headers["Retry-After"] = str(exc.retry_after_s)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -71,7 +73,7 @@ def _cache_result(cache_status: str | None) -> str | None:
         return None
     if "; hit;" in cache_status:
         return "semantic_hit" if 'detail="semantic' in cache_status else "hit"
-    if "only-if-cached" in cache_status:   # a miss the client would not wait for: the metric's "error"
+    if "only-if-cached" in cache_status or "detail=overloaded" in cache_status:   # the metric's "error"
         return "error"
     for fwd, result in (("fwd=request", "bypass"), ("fwd=stale", "stale"), ("fwd=bypass", "rejected")):
         if fwd in cache_status:

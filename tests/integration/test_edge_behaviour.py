@@ -238,6 +238,27 @@ async def _waiters(edge: str, n: int) -> bool:
     return (await healthz(edge))["waiters"] == n
 
 
+async def test_misses_beyond_max_fills_are_a_429_with_retry_after_and_identical_ones_still_join(
+        make_stack, serve_app) -> None:
+    sims = await make_stack(regions=(), sims=1)
+    gate = Gate(sims.sim_urls[0])
+    stack = await make_stack(sims=0, backends=(await serve_app(gate.app()),), node_overrides={"max_fills": 2})
+    edge = stack.edges["us-east"]
+    held = [asyncio.create_task(post(edge, {**CHAT, "seed": i})) for i in range(2)]
+    await until(lambda: _waiters(edge, 2))
+    status, headers, body = await post(edge, {**CHAT, "seed": 99})   # a third distinct miss
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert orjson.loads(body)["error"]["code"] == "edge_overloaded" and "overloaded" in headers["Cache-Status"]
+    joined = asyncio.create_task(post(edge, {**CHAT, "seed": 0}))   # identical to one in flight: joins it
+    await until(lambda: _waiters(edge, 3))
+    gate.opened.set()
+    assert [s for s, _, _ in await asyncio.gather(*held, joined)] == [200, 200, 200]
+    status, _, _ = await post(edge, {**CHAT, "seed": 99})   # room again
+    assert status == 200
+    metrics = await stack.metric(edge, "edgecache_requests_total", cache_result="error")
+    assert metrics == 1
+
+
 async def test_cache_control_directives(stack: Stack) -> None:
     edge = stack.edges["us-east"]
     status, headers, _ = await post(edge, headers={"Cache-Control": "only-if-cached"})
