@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", type=Path, default=SCENARIO)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--json", help="write the report here")
-    p.add_argument("--report", type=Path, help="Markdown report (charts beside it); default bench/reports/e2e.md")
+    p.add_argument("--report", type=Path, help="Markdown report (charts beside it); default bench/reports/e2e.md, "
+                                              "bench/out/e2e_quick.md with --quick")
     p.add_argument("--no-report", action="store_true", help="no Markdown or charts")
     return p
 
@@ -613,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     if not args.no_report:
-        path = args.report or HERE / "reports" / "e2e.md"
+        # a quick run (cold caches, 20 s) never overwrites the full run's report
+        path = args.report or (HERE / "out" / "e2e_quick.md" if args.quick else HERE / "reports" / "e2e.md")
         write_markdown(report, path, write_charts(report, path.parent))
     return 0
 
