@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgecache.errors import BadRequest, NotFound
+from edgecache.errors import BadRequest, Forbidden, NotFound
 from edgecache.events import Event, PrefixChange
 from edgecache.prefix import Prefix, make_prefix, prefix_tag, validate_prefix_id
 from origin.prefixes import PrefixRegistry
@@ -30,6 +30,9 @@ log = logging.getLogger("edgecache.origin")
 
 REGISTRY = web.AppKey("registry", PrefixRegistry)
 MAX_PREFIX_BYTES = web.AppKey("max_prefix_bytes", int)
+# Whether the caller may read prefix texts: the admin token may; edges (the node token) read
+# ids, versions, tags and sizes only, all they need to key requests.
+READS_TEXT = web.RequestKey("reads_text", bool)
 WARMER = web.AppKey("warmer", Callable[[Prefix], Awaitable[list[str]]])
 
 
@@ -63,6 +66,8 @@ async def _put(request: web.Request) -> web.Response:
 
 async def _list(request: web.Request) -> web.Response:
     with_text = request.query.get("text") in ("1", "true")
+    if with_text and not request.get(READS_TEXT, False):
+        raise Forbidden("reading prefix texts needs the admin token", code="admin_token_required")
     prefixes = sorted(request.app[REGISTRY].current.values(), key=lambda p: p.id)
     return _json({"object": "list", "data": [_full(p) if with_text else p.summary() for p in prefixes]})
 
@@ -76,7 +81,8 @@ def _lookup(request: web.Request) -> Prefix:
 
 
 async def _get(request: web.Request) -> web.Response:
-    return _json(_full(_lookup(request)))
+    prefix = _lookup(request)
+    return _json(_full(prefix) if request.get(READS_TEXT, False) else prefix.summary())
 
 
 async def _delete(request: web.Request) -> web.Response:

@@ -40,7 +40,7 @@ from edgecache.events import Event
 from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
 from edgecache.prefix import Prefix, expand, prefix_reference, route_text
 from edgecache.trace import Span, start_span
-from origin.admin import MAX_PREFIX_BYTES, REGISTRY, WARMER, add_prefix_routes
+from origin.admin import MAX_PREFIX_BYTES, READS_TEXT, REGISTRY, WARMER, add_prefix_routes
 from origin.backends import BackendPool, OriginOverloaded
 from origin.coalesce import Flight, Flights, Head, flight_key
 from origin.eventlog import EventLog
@@ -144,9 +144,10 @@ def _authorize(request: web.Request) -> None:
         raise Unauthorized("purging needs the admin token", code="invalid_admin_token")
     if request.path.startswith("/v1/prefixes"):
         if _bearer_is(request, auth.admin_token):
+            request[READS_TEXT] = True
             return
         if request.method == "GET" and _bearer_is(request, auth.node_token):
-            return
+            return   # ids, versions, tags: never the texts
         raise Unauthorized("the prefix registry needs the admin token", code="invalid_admin_token")
     if not _bearer_is(request, auth.node_token):
         raise Unauthorized("edge nodes must present the node token", code="invalid_node_token")

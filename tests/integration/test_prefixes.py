@@ -52,6 +52,18 @@ async def test_registry_create_update_read_delete(stack: Stack) -> None:
     assert status == 404 and "returns" in missing["error"]["message"]
 
 
+async def test_edges_read_prefix_versions_but_never_their_texts(stack: Stack) -> None:
+    await put_prefix(stack, "returns", POLICY, ["doc:42"])
+    node = {"Authorization": f"Bearer {NODE_TOKEN}"}
+    url = stack.origin_url + "/v1/prefixes"
+    status, one = await call("GET", url + "/returns", headers=node)
+    assert status == 200 and one["version"] == prefix_version(POLICY) and "text" not in one
+    status, refused = await call("GET", url + "?text=1", headers=node)
+    assert status == 403 and refused["error"]["code"] == "admin_token_required"
+    status, listing = await call("GET", url + "?text=1")   # the admin token reads them
+    assert status == 200 and listing["data"][0]["text"] == POLICY
+
+
 @pytest.mark.parametrize(("body", "needle"), [
     ({"id": "bad id!", "text": "x"}, "prefix id"),
     ({"id": "ok", "text": ""}, "text"),
