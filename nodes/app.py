@@ -51,7 +51,7 @@ from edgecache.stores.disk import DiskTier
 from edgecache.stores.memory import MemoryTier
 from edgecache.tags import format_cache_tag_header, parse_cache_tag_header
 from edgecache.trace import Span
-from nodes.appkeys import CACHE_STATUS, CONFIG, ENDPOINTS, JSON, NODE, READY, SPAN, WORKER
+from nodes.appkeys import CACHE_STATUS, CONFIG, ENDPOINTS, JSON, NODE, READY, SPAN, TENANT, WORKER
 from nodes.events import EventFollower
 from nodes.fill import Fill, FillRequest
 from nodes.metrics import NodeMetrics, SharedCounts
@@ -104,7 +104,8 @@ def _scope(tenant: str, prefix: PrefixInfo | None) -> Scope:
 
 async def _read_request(request: web.Request, state: NodeState) -> _Request:
     endpoint = ENDPOINTS[request.path]
-    tenant = state.tenant_for(request.headers.get("Authorization"), request.headers.get("api-key"))
+    tenant = request[TENANT] = state.tenant_for(request.headers.get("Authorization"),
+                                                request.headers.get("api-key"))
     raw = await request.read()
     memo_key = (endpoint, tenant, raw)
     memo = state.memo.get(memo_key)
