@@ -53,7 +53,7 @@ from edgecache.tags import format_cache_tag_header, parse_cache_tag_header
 from edgecache.trace import Span
 from nodes.appkeys import CACHE_STATUS, CONFIG, ENDPOINTS, JSON, NODE, READY, SPAN, TENANT, WORKER
 from nodes.events import EventFollower
-from nodes.fill import Fill, FillRequest
+from nodes.fill import Fill, FillRequest, check_not_refused
 from nodes.metrics import NodeMetrics, SharedCounts
 from nodes.middleware import error_middleware
 from nodes.prefixes import PrefixInfo, PrefixReplica
@@ -195,10 +195,10 @@ async def _complete(request: web.Request, started: float, *, retry_prefix: bool)
                 state.metrics.observe(req.endpoint, "semantic_hit", time.perf_counter() - started)
                 return replay(entry, req.stream, req.include_usage, status, now)
 
-    base = f'edgecache-{region}; fwd={fwd}{detail}; key="{req.key.hex()}"'
+    head, key = f"edgecache-{region}; fwd={fwd}", f'; key="{req.key.hex()}"'
+    base = head + detail + key
     if req.cc.only_if_cached:
-        why = "fenced+only-if-cached" if detail else "only-if-cached"   # one detail parameter (RFC 9211)
-        request[CACHE_STATUS] = f'edgecache-{region}; fwd={fwd}; key="{req.key.hex()}"; detail={why}'
+        request[CACHE_STATUS] = head + _detail(detail, "only-if-cached") + key
         state.metrics.observe(req.endpoint, "error", time.perf_counter() - started)
         raise NotCached("The answer is not cached and the request said only-if-cached")
 
@@ -209,7 +209,7 @@ async def _complete(request: web.Request, started: float, *, retry_prefix: bool)
         fill.join(req.tags, req.ttl)
     else:
         if len(state.inflight) >= state.config.max_fills:
-            request[CACHE_STATUS] = f"{base}; detail=overloaded"
+            request[CACHE_STATUS] = head + _detail(detail, "overloaded") + key
             state.metrics.observe(req.endpoint, "error", time.perf_counter() - started)
             raise EdgeOverloaded(f"this edge has {state.config.max_fills} origin requests in flight; retry shortly")
         fill = _start_fill(state, request.path, req, query, vector, request[SPAN])
@@ -226,6 +226,11 @@ async def _complete(request: web.Request, started: float, *, retry_prefix: bool)
         fill.leave()
         if counted:
             state.metrics.observe(req.endpoint, result, time.perf_counter() - started)
+
+
+def _detail(detail: str, more: str) -> str:
+    """The ``; detail=…`` parameter with ``more`` added: RFC 9211 allows one, so they join with '+'."""
+    return f"{detail}+{more}" if detail else f"; detail={more}"
 
 
 async def _exact_lookup(state: NodeState, req: _Request, now: float) -> tuple[Entry | None, str]:
@@ -333,9 +338,7 @@ async def _models(request: web.Request) -> web.Response:
         async with state.session.get("/v1/models", headers={"Authorization": f"Bearer {state.config.node_token}",
                                                             **request[SPAN].response_headers()},
                                      timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            if resp.status in (401, 403):   # the origin refused this edge, not the client
-                log.error("the origin refused this edge's node token (%d): check EDGECACHE_NODE_TOKEN", resp.status)
-                raise UpstreamUnavailable("the origin refused this edge")
+            check_not_refused(resp.status)
             return web.Response(status=resp.status, body=await resp.read(), content_type=JSON)
     except (aiohttp.ClientError, TimeoutError):
         raise UpstreamUnavailable("the origin is unreachable") from None

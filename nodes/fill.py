@@ -24,7 +24,15 @@ from edgecache.stream import SSEParser, assemble, is_usage_chunk
 
 log = logging.getLogger("edgecache.node.fill")
 
-__all__ = ["Fill", "FillRequest", "UpstreamReply"]
+__all__ = ["Fill", "FillRequest", "UpstreamReply", "check_not_refused"]
+
+
+def check_not_refused(status: int) -> None:
+    """A 401 or 403 from the origin refuses this edge (its node token), not the client: log the
+    cause and raise ``UpstreamUnavailable`` (a 502) instead of passing the origin's answer on."""
+    if status in (401, 403):
+        log.error("the origin refused this edge's node token (%d): check EDGECACHE_NODE_TOKEN", status)
+        raise UpstreamUnavailable("the origin refused this edge")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +183,7 @@ class Fill:
             body.pop("stream_options", None)
         async with self._session.post(req.path, data=orjson.dumps(body), headers=req.headers) as resp:
             self._heard()
-            if resp.status in (401, 403):   # the origin refused this edge, not the client: never pass it on
-                log.error("the origin refused this edge's node token (%d): check EDGECACHE_NODE_TOKEN", resp.status)
-                raise UpstreamUnavailable("the origin refused this edge")
+            check_not_refused(resp.status)
             if resp.status != 200:
                 self._begin(UpstreamReply(resp.status, await resp.read(),
                                           resp.headers.get("Content-Type", "application/json"),

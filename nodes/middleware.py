@@ -73,7 +73,7 @@ def _cache_result(cache_status: str | None) -> str | None:
         return None
     if "; hit;" in cache_status:
         return "semantic_hit" if 'detail="semantic' in cache_status else "hit"
-    if "only-if-cached" in cache_status or "detail=overloaded" in cache_status:   # the metric's "error"
+    if "only-if-cached" in cache_status or "overloaded" in cache_status:   # the metric's "error"
         return "error"
     for fwd, result in (("fwd=request", "bypass"), ("fwd=stale", "stale"), ("fwd=bypass", "rejected")):
         if fwd in cache_status:
