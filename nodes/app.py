@@ -390,8 +390,8 @@ async def _node_state(app: web.Application) -> AsyncIterator[None]:
     app[NODE] = state
     state.prefixes = PrefixReplica(session, config.node_token, on_change=state.memo.clear)
     state.semantic, state.semantic_status = await open_semantic_tier(
-        config.semantic, config.data_dir, disk.keys, worker=app[WORKER], tenants=config.tenants,
-        held=lambda: len(state.memory) + len(disk), alive=lambda: _held_by(state))
+        config.semantic, config.data_dir, lambda: _held_by(state), worker=app[WORKER], tenants=config.tenants,
+        held=lambda: len(state.memory) + len(disk))
     me = edge_id(config.region, config.instance or socket.gethostname(), app[WORKER])
     incarnation = secrets.token_hex(8)
     over_http = HttpSubscription(session, config.node_token, me, config.max_staleness_s, incarnation)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,12 +177,14 @@ class SemanticTier:
         await asyncio.to_thread(self.index.close)
 
 
-async def open_semantic_tier(config: SemanticConfig, data_dir: str, live_keys: Callable[[], Collection[bytes]],
+async def open_semantic_tier(config: SemanticConfig, data_dir: str, alive: Callable[[], Callable[[bytes], bool]],
                              *, worker: int = 0, tenants: Sequence[TenantConfig] = (),
-                             held: Callable[[], int] | None = None,
-                             alive: Callable[[], Callable[[bytes], bool]] | None = None,
-                             ) -> tuple[SemanticTier | None, str]:
+                             held: Callable[[], int] | None = None) -> tuple[SemanticTier | None, str]:
     """Load the model, the policies and the saved vectors; (None, reason) when it cannot.
+
+    ``alive()`` (blocking) gives a test of a key being held by the node's tiers: saved vectors
+    of entries gone are dropped at start, and, with ``held()`` (the entries the tiers hold),
+    vectors of evicted entries as the index grows.
 
     Worker processes of one node share the disk tier but not memory: each keeps the vectors
     of the answers it filled, in a folder of its own (``vectors``, ``vectors-1``, …).
@@ -194,7 +196,7 @@ async def open_semantic_tier(config: SemanticConfig, data_dir: str, live_keys: C
         return None, "disabled"
     try:   # imports read files and the model loads for seconds: all of it off the loop
         folder = os.path.join(data_dir, "vectors" if worker == 0 else f"vectors-{worker}")
-        policy, embedder, index, batcher_class = await asyncio.to_thread(_load, config, folder, live_keys)
+        policy, embedder, index, batcher_class = await asyncio.to_thread(_load, config, folder, alive)
         tenant_policies, off = await asyncio.to_thread(tenant_policies_for, config, policy, tenants)
     except ImportError as exc:
         log.warning("semantic tier unavailable (pip install 'edgecache[semantic]'): %s", exc)
@@ -246,7 +248,7 @@ def tenant_policies_for(config: SemanticConfig, node_policy: Any,
 
 
 def _load(config: SemanticConfig, folder: str,
-          live_keys: Callable[[], Collection[bytes]]) -> tuple[Any, Any, Any, Any]:
+          alive: Callable[[], Callable[[bytes], bool]]) -> tuple[Any, Any, Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model ships in a package: never download
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # no progress bars in service logs
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -271,7 +273,7 @@ def _load(config: SemanticConfig, folder: str,
         raise EmbedderUnavailable(f"the policy was calibrated on the {policy.embedder} embedder, "
                                   f"but {embedder.backend} loaded")
     index = VectorIndex(folder)
-    dropped = index.reconcile(live_keys().__contains__)   # vectors of entries the disk no longer has
+    dropped = index.reconcile(alive())   # vectors of entries the tiers no longer hold
     if dropped:
         log.info("semantic index: dropped %d vectors whose entries are gone", dropped)
     return policy, embedder, index, MicroBatcher
