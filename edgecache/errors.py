@@ -38,6 +38,7 @@ __all__ = [
     "UpstreamUnavailable",
     "error_body",
     "http_error_body",
+    "unreadable_body",
 ]
 
 
@@ -50,6 +51,13 @@ def http_error_body(status: int, reason: str) -> bytes:
     """The OpenAI-style body for an error aiohttp raised itself (404, 405, 413 ...)."""
     kind = "not_found_error" if status == 404 else "invalid_request_error"
     return error_body(reason, kind, "payload_too_large" if status == 413 else None)
+
+
+def unreadable_body(exc: BaseException) -> bytes:
+    """The 400 body for a request body aiohttp could not read (``RequestPayloadError``: gzip that
+    is not, a bad chunk): its cause's ``message`` when it has one."""
+    reason = getattr(exc.__cause__, "message", None) or "malformed body"
+    return http_error_body(400, f"The request body cannot be read: {reason}")
 
 
 class EdgeCacheError(Exception):

@@ -8,9 +8,14 @@ import time
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http import HttpProcessingError
 
-from edgecache.errors import EdgeCacheError, EdgeOverloaded, error_body, http_error_body
+from edgecache.errors import (
+    EdgeCacheError,
+    EdgeOverloaded,
+    error_body,
+    http_error_body,
+    unreadable_body,
+)
 from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
 from edgecache.trace import Span, start_span
 from nodes.appkeys import CACHE_STATUS, CONFIG, ENDPOINTS, JSON, SPAN, TENANT
@@ -52,9 +57,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             if "Allow" in exc.headers:   # a 405 says which methods the path takes
                 resp.headers["Allow"] = exc.headers["Allow"]
         except web.RequestPayloadError as exc:   # reading the body: gzip that is not, a bad chunk
-            cause = exc.__cause__
-            reason = cause.message if isinstance(cause, HttpProcessingError) else "malformed body"
-            resp = _error_response(request, 400, http_error_body(400, f"The request body cannot be read: {reason}"))
+            resp = _error_response(request, 400, unreadable_body(exc))
         except Exception:
             log.exception("unhandled error on %s", request.path)
             resp = _error_response(request, 500, error_body("internal error in the edge node", "server_error"))

@@ -21,7 +21,6 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.http import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -35,6 +34,7 @@ from edgecache.errors import (
     UnknownPrefix,
     UpstreamUnavailable,
     http_error_body,
+    unreadable_body,
 )
 from edgecache.events import Event
 from edgecache.logs import ACCESS_LOGGER, CURRENT, access_message
@@ -177,10 +177,7 @@ async def _origin_middleware(request: web.Request, handler: Any) -> web.StreamRe
             if "Allow" in exc.headers:   # a 405 says which methods the path takes
                 resp.headers["Allow"] = exc.headers["Allow"]
         except web.RequestPayloadError as exc:   # reading the body: gzip that is not, a bad chunk
-            cause = exc.__cause__
-            reason = cause.message if isinstance(cause, HttpProcessingError) else "malformed body"
-            resp = web.Response(status=400, content_type="application/json",
-                                body=http_error_body(400, f"The request body cannot be read: {reason}"))
+            resp = web.Response(status=400, body=unreadable_body(exc), content_type="application/json")
         if not resp.prepared:   # a stream sent its own (Span.response_headers)
             resp.headers.update(span.response_headers())
         if access_log.isEnabledFor(logging.INFO):
