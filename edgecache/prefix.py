@@ -109,9 +109,12 @@ def prefix_reference(body: Mapping[str, Any], endpoint: str) -> str | None:
     return validate_prefix_id(ref, param="prefix")
 
 
-def expand(body: Mapping[str, Any], prefixes: Mapping[str, Prefix], *, version: str | None = None) -> dict[str, Any]:
+def expand(body: Mapping[str, Any], prefixes: Mapping[str, Prefix], *, tenant: str | None,
+           version: str | None = None) -> dict[str, Any]:
     """The request as the backend must see it: the prefix text as the first system message.
 
+    A prefix that does not allow ``tenant`` (``Prefix.tenants``) is an ``UnknownPrefix``, the
+    same answer as for an id that does not exist: another tenant's prefix stays unseen.
     ``version``: the version the edge keyed the request with; a different current version is
     an ``UnknownPrefix`` naming both, so the edge refreshes its replica instead of caching an
     answer built on other text under the old key.
@@ -121,7 +124,7 @@ def expand(body: Mapping[str, Any], prefixes: Mapping[str, Prefix], *, version: 
     if prefix_id is None:
         return out
     prefix = prefixes.get(prefix_id)
-    if prefix is None:
+    if prefix is None or not prefix.allows(tenant):
         raise UnknownPrefix(f"Unknown prefix {prefix_id!r}", param="prefix")
     if version is not None and version != prefix.version:
         raise UnknownPrefix(f"Prefix {prefix_id!r} is at version {prefix.version}, not {version}",

@@ -31,7 +31,6 @@ from edgecache.errors import (
     BadRequest,
     EdgeCacheError,
     Unauthorized,
-    UnknownPrefix,
     UpstreamUnavailable,
     http_error_body,
     unreadable_body,
@@ -218,11 +217,8 @@ async def _forward(request: web.Request) -> web.StreamResponse:
     body, expanded, prefix, prefix_tags = raw, parsed, None, frozenset[str]()
     if "prefix" in parsed:   # edges send the reference, never the text
         current = request.app[REGISTRY].current
-        referenced = current.get(prefix_reference(parsed, "chat") or "")
-        if referenced is not None and not referenced.allows(request.headers.get("X-EdgeCache-Tenant")):
-            # the same answer as for an id that does not exist: another tenant's prefix stays unseen
-            raise UnknownPrefix(f"Unknown prefix {referenced.id!r}", param="prefix")
-        expanded = expand(parsed, current, version=request.headers.get("X-EdgeCache-Prefix-Version"))
+        expanded = expand(parsed, current, tenant=request.headers.get("X-EdgeCache-Tenant"),
+                          version=request.headers.get("X-EdgeCache-Prefix-Version"))
         prefix_id = prefix_reference(parsed, "chat")
         if prefix_id is not None:   # else "prefix": null, no prefix: the field is dropped
             prefix = (prefix_id, current[prefix_id].version)   # the text expand just used

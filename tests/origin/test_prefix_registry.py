@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edgecache.errors import BadRequest
-from edgecache.prefix import make_prefix
+from edgecache.errors import BadRequest, UnknownPrefix
+from edgecache.prefix import expand, make_prefix
 from origin.prefixes import PrefixRegistry
 
 
@@ -18,6 +18,14 @@ def test_a_prefix_may_name_the_tenants_that_can_use_it() -> None:
     assert open_to_all.allows("anyone") and open_to_all.allows(None)
     assert acme_only.allows("acme") and not acme_only.allows("globex") and not acme_only.allows(None)
     assert acme_only.summary()["tenants"] == ["acme"]
+    request = {"model": "m", "prefix": "acme-rules", "messages": [{"role": "user", "content": "q"}]}
+    prefixes = {"acme-rules": acme_only}
+    assert expand(request, prefixes, tenant="acme")["messages"][0]["content"] == "Rules."
+    with pytest.raises(UnknownPrefix) as refused:
+        expand(request, prefixes, tenant="globex")
+    with pytest.raises(UnknownPrefix) as unknown:
+        expand(request, {}, tenant="globex")
+    assert str(refused.value) == str(unknown.value)   # the same answer as for an id that does not exist
 
 
 @pytest.mark.parametrize("tenants", ["acme", [""], ["a b"], [3], ["x" * 201], ["\n"]])
